@@ -132,6 +132,27 @@ class Detector(ABC):
         self.params: dict[str, Any] = merge_params(self.defaults, params, where=self.name or type(self).__name__)
         self.is_fitted: bool = False
         self.train_log: list[dict[str, Any]] = []
+        #: where training keeps checkpoints (set by the CLI / caller before ``fit``); None: no checkpoints
+        self.work_dir: Path | None = None
+        #: continue from checkpoints in ``work_dir`` when they exist
+        self.resume: bool = True
+        #: no progress bars
+        self.quiet: bool = False
+
+    @classmethod
+    def config_sets(cls) -> list[str]:
+        """Names of the shipped configurations (YAML files in the method's ``configs/`` folder)."""
+        folder = Path(__import__(cls.__module__, fromlist=["_"]).__file__).parent / "configs"
+        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+    @classmethod
+    def config_set(cls, name: str) -> dict[str, Any]:
+        """Parameters of a shipped configuration, e.g. ``"cpu-small"`` or ``"paper"``."""
+        folder = Path(__import__(cls.__module__, fromlist=["_"]).__file__).parent / "configs"
+        path = folder / f"{name}.yaml"
+        if not path.exists():
+            raise KeyError(f"{cls.name}: no config set '{name}'; available: {', '.join(cls.config_sets()) or '(none)'}")
+        return yaml.safe_load(path.read_text()) or {}
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
