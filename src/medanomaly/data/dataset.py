@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ImageDataset", "ArrayDataset", "stack_dataset", "collate_samples"]
+__all__ = ["ImageDataset", "ArrayDataset", "SliceDataset", "ItemDataset", "stack_dataset", "collate_samples"]
 
 SAMPLE_KEYS = ("image", "foreground", "mask", "has_mask", "label", "case_id", "slice_index")
 
@@ -150,3 +150,152 @@ def stack_dataset(ds: ImageDataset, indices: Sequence[int] | None = None) -> dic
     """Load (part of) a dataset into one batch dict; for small 2D sets and tests."""
     idx = range(len(ds)) if indices is None else indices
     return collate_samples([ds[i] for i in idx])
+
+
+# --------------------------------------------------------------------------------------------- lazy file datasets
+class _LRU:
+    """A tiny least-recently-used cache (``size`` entries; 0 disables caching)."""
+
+    def __init__(self, size: int) -> None:
+        from collections import OrderedDict
+
+        self.size, self.data = int(size), OrderedDict()
+
+    def get(self, key: Any, make: Any) -> Any:
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        value = make()
+        if self.size > 0:
+            self.data[key] = value
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+        return value
+
+
+def _sample(image: np.ndarray, fg: np.ndarray, mask: np.ndarray | None, label: int, case_id: str, slice_index: int,
+            has_mask: bool | None = None) -> dict[str, Any]:
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    shape = (1, *img.shape[1:])
+    m = torch.zeros(shape, dtype=torch.bool) if mask is None else torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
+    return {
+        "image": img,
+        "foreground": torch.from_numpy(np.ascontiguousarray(fg, dtype=bool)),
+        "mask": m,
+        "has_mask": bool(mask is not None) if has_mask is None else has_mask,
+        "label": int(label),
+        "case_id": str(case_id),
+        "slice_index": int(slice_index),
+    }
+
+
+class SliceDataset(ImageDataset):
+    """2D slices of volumes, read and preprocessed one volume at a time (lazily, with a small LRU cache).
+
+    ``cases``: list of ``(case_id, load)`` where ``load()`` returns ``(slices (S, H, W), masks (S, H, W) or None,
+    slice_numbers (S,), case_label)``; ``preset`` is a ``brain-mri-2d`` preset, applied per volume (the percentile
+    clip uses the whole volume). Building the index reads every volume once (to apply the unsupervised slice filter
+    and find the slice labels); the preprocessed arrays are then dropped except for the cache.
+    ``normal_only`` keeps only slices whose original mask is empty (requires masks or a normal case label).
+    """
+
+    spatial_dims = 2
+
+    def __init__(self, cases: Sequence[tuple[str, Any]], preset: Any, *, normal_only: bool = False, name: str = "",
+                 cache_size: int = 8, quiet: bool = True, filter_slices: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.name, self.preset_obj = name, preset
+        self.preset = preset.name
+        self.cases = list(cases)
+        self._cache = _LRU(cache_size)
+        self.index: list[tuple[int, int, int, int]] = []  # (case position, slice position, label, slice number)
+        self.n_dropped = 0
+        self._has_mask: list[bool] = []
+        for ci in tqdm(range(len(self.cases)), desc=f"indexing {name or 'slices'}", disable=quiet):
+            st, numbers, case_label, has_mask = self._volume(ci)
+            self._has_mask.append(has_mask)
+            for s in range(st.images.shape[0]):
+                if filter_slices and not st.keep[s]:
+                    self.n_dropped += 1
+                    continue
+                if has_mask:
+                    label = int(st.meta["orig_lesion"][s])
+                else:
+                    label = int(case_label)
+                if normal_only and label != 0:
+                    continue
+                self.index.append((ci, s, label, int(numbers[s])))
+            del st
+        if not self.index:
+            raise ValueError(f"dataset {name!r}: no slices left (normal_only={normal_only}, {len(self.cases)} cases)")
+
+    def _volume(self, ci: int) -> tuple[Any, np.ndarray, int, bool]:
+        def make() -> tuple[Any, np.ndarray, int, bool]:
+            slices, masks, numbers, case_label = self.cases[ci][1]()
+            st = self.preset_obj.apply_slices(slices, masks, where=f"{self.cases[ci][0]}: ")
+            if masks is not None:
+                st.meta["orig_lesion"] = np.asarray(masks).reshape(len(masks), -1).any(axis=1)
+            return st, np.asarray(numbers), int(case_label), masks is not None
+
+        return self._cache.get(ci, make)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([lab for _, _, lab, _ in self.index], dtype=int)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [self.cases[ci][0] for ci, _, _, _ in self.index]
+
+    def get(self, i: int) -> dict[str, Any]:
+        ci, s, label, number = self.index[i]
+        st, _, _, has_mask = self._volume(ci)
+        mask = st.masks[s] if st.masks is not None else None
+        return _sample(st.images[s], st.foreground[s], mask, label, self.cases[ci][0], number,
+                       has_mask=has_mask or label == 0)
+
+
+class ItemDataset(ImageDataset):
+    """One preprocessed image per item (2D images or 3D volumes), computed lazily with an LRU cache.
+
+    ``items``: list of ``(case_id, load, label)`` where ``load()`` returns a ``Preprocessed`` (image (C, *S),
+    foreground, mask or None, affine, meta). ``geometry(i)`` gives the affine/meta (to write maps back).
+    """
+
+    def __init__(self, items: Sequence[tuple[str, Any, int]], *, spatial_dims: int, name: str = "", preset: str = "",
+                 cache_size: int = 4, known_normal_mask: bool = False) -> None:
+        self.items = list(items)
+        self.spatial_dims, self.name, self.preset = spatial_dims, name, preset
+        self._cache = _LRU(cache_size)
+        self.known_normal_mask = known_normal_mask
+        if not self.items:
+            raise ValueError(f"dataset {name!r} is empty")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([int(lab) for _, _, lab in self.items], dtype=int)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [cid for cid, _, _ in self.items]
+
+    def preprocessed(self, i: int) -> Any:
+        return self._cache.get(i, self.items[i][1])
+
+    def geometry(self, i: int) -> dict[str, Any]:
+        """The output affine and the preprocessing record of item ``i`` (for writing maps in world coordinates)."""
+        p = self.preprocessed(i)
+        return {"affine": p.affine, **p.meta}
+
+    def get(self, i: int) -> dict[str, Any]:
+        cid, _, label = self.items[i]
+        p = self.preprocessed(i)
+        has_mask = p.mask is not None or (self.known_normal_mask and int(label) == 0)
+        return _sample(p.image, p.foreground, p.mask, int(label), cid, -1, has_mask=has_mask)

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # Each entry is a sub-package that registers one or more methods when imported.
-_METHOD_PACKAGES = ("baselines", "mim_ood", "ar_restoration", "token_critic", "multitask", "amae", "mae_pseudo")
+_METHOD_PACKAGES = ("baselines", "mim_ood", "ar_restoration", "token_critic", "multitask", "mae", "amae", "mae_pseudo")
 
 for _pkg in _METHOD_PACKAGES:
     try:

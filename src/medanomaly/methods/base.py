@@ -10,14 +10,19 @@ A detector is built from keyword parameters (all in the constructor, scikit-lear
 - ``train_log.jsonl`` the training log, when the method trains
 
 ``load(run_dir)`` rebuilds the detector from those files and reproduces its predictions bit for bit.
+
+A method lives in one folder ``methods/<package>/`` and registers itself with ``@register``. Its
+``configs/`` folder ships parameter sets as YAML: ``cpu-small.yaml`` (minutes on 2 CPU cores),
+``paper.yaml`` (the paper's settings) and ``test.yaml`` (tiny: seconds on the toy data). ``test.yaml`` is
+required: ``tests/test_methods_integration.py`` runs fit / predict / save / load / predict (bit-identical)
+for every registered method with it, in 2D and, when supported, 3D. A folder holding several methods
+writes one section per method name in each file (see :meth:`Detector.config_set`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,8 @@ from typing import Any, ClassVar
 
 import torch
 import yaml
+
+from medanomaly.training.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "AnomalyResult",
@@ -75,28 +82,6 @@ class AnomalyResult:
             )
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def library_versions() -> dict[str, str]:
     """Versions of python, this package and the main libraries, recorded beside every run."""
     import importlib.metadata as md
@@ -140,19 +125,57 @@ class Detector(ABC):
         self.quiet: bool = False
 
     @classmethod
+    def _configs_folder(cls) -> Path:
+        return Path(__import__(cls.__module__, fromlist=["_"]).__file__).parent / "configs"
+
+    @classmethod
+    def _read_config_file(cls, path: Path) -> dict[str, Any] | None:
+        """This method's parameters in ``path``; None when the file is a multi-method file without a section for it."""
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of parameters, got {type(data).__name__}")
+        if _is_multi_method(data):
+            section = data.get(cls.name)
+            return dict(section or {}) if cls.name in data else None
+        return data
+
+    @classmethod
     def config_sets(cls) -> list[str]:
         """Names of the shipped configurations (YAML files in the method's ``configs/`` folder)."""
-        folder = Path(__import__(cls.__module__, fromlist=["_"]).__file__).parent / "configs"
-        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        folder = cls._configs_folder()
+        if not folder.is_dir():
+            return []
+        return sorted(p.stem for p in folder.glob("*.yaml") if cls._read_config_file(p) is not None)
 
     @classmethod
     def config_set(cls, name: str) -> dict[str, Any]:
-        """Parameters of a shipped configuration, e.g. ``"cpu-small"`` or ``"paper"``."""
-        folder = Path(__import__(cls.__module__, fromlist=["_"]).__file__).parent / "configs"
-        path = folder / f"{name}.yaml"
-        if not path.exists():
+        """Parameters of a shipped configuration, e.g. ``"cpu-small"``, ``"paper"`` or ``"test"``.
+
+        ``configs/<name>.yaml`` holds the parameters of the method, or, when one folder holds several methods,
+        one section per method name (``{intensity: {...}, autoencoder: {...}}``; every top-level value is then a
+        mapping keyed by a registered method name).
+        """
+        path = cls._configs_folder() / f"{name}.yaml"
+        params = cls._read_config_file(path) if path.exists() else None
+        if params is None:
             raise KeyError(f"{cls.name}: no config set '{name}'; available: {', '.join(cls.config_sets()) or '(none)'}")
-        return yaml.safe_load(path.read_text()) or {}
+        return params
+
+    @classmethod
+    def test_params(cls) -> dict[str, Any]:
+        """Tiny parameters for the registry-wide integration test: the ``test`` config set (``configs/test.yaml``).
+
+        Convention: every method ships ``configs/test.yaml`` with parameters under which ``fit`` + ``predict``
+        on the toy data (12 images of 32x32 in 2D; 6 volumes of 16^3 when 3D is supported) take a few seconds on
+        one CPU core; ``tests/test_methods_integration.py`` picks every registered method up automatically.
+        """
+        if "test" not in cls.config_sets():
+            raise KeyError(f"{cls.name}: ships no configs/test.yaml (tiny parameters for the integration test); "
+                           f"see Detector.test_params")
+        return cls.config_set("test")
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -224,8 +247,14 @@ class Detector(ABC):
         cfg = read_run_config(run_dir)
         if cls.name and cfg["method"] != cls.name:
             raise RunFolderError(f"{run_dir} holds a '{cfg['method']}' run, not '{cls.name}'")
-        klass = cls if cls.name else get_method_class(cfg["method"])
-        det = klass(**cfg.get("params", {}))
+        try:
+            klass = cls if cls.name else get_method_class(cfg["method"])
+        except KeyError as e:
+            raise RunFolderError(f"{run_dir}: {e.args[0]}") from e
+        try:
+            det = klass(**(cfg.get("params") or {}))
+        except (KeyError, ValueError, TypeError) as e:
+            raise RunFolderError(f"{run_dir}: its config.yaml does not fit method '{klass.name}' ({e})") from e
         wpath = run_dir / WEIGHTS_FILE
         if not wpath.exists():
             raise RunFolderError(f"{run_dir}: missing {WEIGHTS_FILE}; the run did not finish or the folder was copied partly")
@@ -233,10 +262,17 @@ class Detector(ABC):
             tensors = load_file(str(wpath))
         except Exception as e:  # safetensors raises several types
             raise RunFolderError(f"{wpath}: unreadable weights file ({e})") from e
-        det.load_state_tensors(tensors)
         spath = run_dir / STATE_FILE
-        if spath.exists():
-            det.load_extra_state(json.loads(spath.read_text()))
+        try:
+            state = json.loads(spath.read_text()) if spath.exists() else None
+        except json.JSONDecodeError as e:
+            raise RunFolderError(f"{spath}: not valid JSON ({e})") from e
+        try:
+            det.load_state_tensors(tensors)
+            if state is not None:
+                det.load_extra_state(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise RunFolderError(f"{run_dir}: the saved weights/state do not fit method '{klass.name}' ({e})") from e
         log = run_dir / TRAIN_LOG_FILE
         if log.exists():
             det.train_log = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -268,6 +304,13 @@ def merge_params(defaults: dict[str, Any], overrides: dict[str, Any], where: str
             else:
                 node = node[part]
     return out
+
+
+def _is_multi_method(data: dict[str, Any]) -> bool:
+    """True when a config file is keyed by method names (a folder holding several methods)."""
+    if not data or not all(isinstance(v, dict) or v is None for v in data.values()):
+        return False
+    return set(data) <= set(_REGISTRY)
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

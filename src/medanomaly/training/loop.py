@@ -1,8 +1,22 @@
 """One training loop for every method.
 
 The loop is step based. Data come from ``batch_fn(step)``, which must be a deterministic function of the
-step (e.g. ``np.random.default_rng([seed, step])`` inside it): with model and optimiser state restored from a
-checkpoint, a resumed run then reproduces an uninterrupted one exactly.
+step (e.g. ``np.random.default_rng([seed, step])`` inside it): with model, optimiser and RNG state restored
+from a checkpoint, a resumed run then reproduces an uninterrupted one exactly (tested with SIGKILL).
+
+What the loop does for every method:
+
+- device choice (``"auto"``: CUDA when present, else CPU) and bf16 autocast on CUDA (``amp``);
+- seeding at a fresh start (``seed``; ``deterministic=True`` also asks torch for deterministic kernels);
+- AdamW, linear warm-up then cosine (or constant) learning rate, gradient-norm clipping;
+- validation every ``val_every`` steps with ``val_fn(model) -> float``, a quantity that must use **no real
+  anomaly label** (e.g. reconstruction error of healthy validation images); the best-validation weights are
+  kept and loaded at the end, and training stops after ``early_stopping_patience`` validations without
+  improvement;
+- checkpoints written atomically (temporary file, fsync, rename) every ``checkpoint_every`` steps, at the
+  end, and on SIGINT/SIGTERM; ``resume=True`` continues from the checkpoint;
+- a progress bar with loss and throughput (``quiet=True`` hides it), one history record per step;
+- data-parallel training under ``torchrun`` (see :mod:`medanomaly.training.ddp`).
 """
 
 from __future__ import annotations
@@ -14,7 +28,8 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +38,36 @@ import numpy as np
 import torch
 from torch import nn
 
-from medanomaly.methods.base import atomic_write_bytes
+from medanomaly.training import ddp
+from medanomaly.training.atomic import atomic_write_bytes
 
-__all__ = ["TrainConfig", "TrainResult", "train_model", "get_device", "seed_everything", "autocast"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train_model",
+    "get_device",
+    "seed_everything",
+    "autocast",
+    "config_from_dict",
+    "lr_factor",
+    "load_checkpoint",
+    "dump_history",
+]
+
+# keys whose change between a checkpoint and a resumed run changes the result; we warn about them
+_RESUME_KEYS = ("steps", "lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "grad_clip", "seed")
 
 
-def get_device(device: str | None = None) -> torch.device:
-    """``"auto"``/None: CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None: CUDA when present, else CPU. Under ``torchrun`` with CUDA, the local rank's GPU."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", ddp.get_local_rank()) if ddp.is_distributed() else torch.device("cuda")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' requested but CUDA is not available; use device='auto' or 'cpu'")
+    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -70,6 +105,28 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA
     quiet: bool = False
     desc: str = "train"
+    deterministic: bool = False  # torch.use_deterministic_algorithms during training
+    ddp_sync: str = "ddp"  # under torchrun: "ddp" (DistributedDataParallel) | "allreduce" (average grads after backward)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if int(self.steps) < 0:
+            problems.append(f"steps must be >= 0, got {self.steps}")
+        if not float(self.lr) > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "constant"):
+            problems.append(f"schedule must be 'cosine' or 'constant', got '{self.schedule}'")
+        if self.val_mode not in ("min", "max"):
+            problems.append(f"val_mode must be 'min' or 'max', got '{self.val_mode}'")
+        if self.ddp_sync not in ("ddp", "allreduce"):
+            problems.append(f"ddp_sync must be 'ddp' or 'allreduce', got '{self.ddp_sync}'")
+        for k in ("warmup_steps", "checkpoint_every", "val_every", "early_stopping_patience"):
+            if int(getattr(self, k)) < 0:
+                problems.append(f"{k} must be >= 0, got {getattr(self, k)}")
+        if not 0.0 <= float(self.min_lr_ratio) <= 1.0:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
 
 
 @dataclass
@@ -79,35 +136,58 @@ class TrainResult:
     best_step: int | None = None
     steps_done: int = 0
     stopped_early: bool = False
+    resumed_from: int = 0
+    seconds: float = 0.0
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at (0-based) ``step``: linear warm-up to 1, then cosine to ``min_lr_ratio``."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    if cfg.schedule != "cosine":
-        raise ValueError(f"unknown schedule '{cfg.schedule}' (cosine | constant)")
     total = max(1, cfg.steps - cfg.warmup_steps)
-    t = min(1.0, (step - cfg.warmup_steps) / total)
+    t = min(1.0, max(0.0, (step - cfg.warmup_steps) / total))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _progress(total: int, initial: int, desc: str, quiet: bool) -> Any:
-    from tqdm.auto import tqdm
+_lr_factor = lr_factor  # backward-compatible name
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)
+
+def _progress(total: int, initial: int, desc: str, quiet: bool) -> Any:
+    from medanomaly.training.progress import progress_bar
+
+    return progress_bar(total=total, initial=initial, desc=desc, quiet=quiet)
 
 
 def _ckpt_path(run_dir: Path, name: str) -> Path:
     return run_dir / "checkpoints" / f"{name}.pt"
 
 
+def _rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                          "numpy": np.random.get_state()}  # noqa: NPY002
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])  # noqa: NPY002
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def _save_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, result: TrainResult,
-               best_state: dict[str, torch.Tensor] | None) -> None:
+               best_state: dict[str, torch.Tensor] | None, bad_vals: int, cfg: TrainConfig, finished: bool) -> None:
+    if not ddp.is_main_process():
+        return
     buf = io.BytesIO()
     torch.save(
         {
+            "format": 2,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "step": step,
@@ -115,11 +195,50 @@ def _save_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: i
             "best_val": result.best_val,
             "best_step": result.best_step,
             "best_state": best_state,
-            "torch_rng": torch.get_rng_state(),
+            "bad_vals": bad_vals,
+            "stopped_early": result.stopped_early,
+            "finished": finished,
+            "config": asdict(cfg),
+            "rng": _rng_state(),
+            "torch_rng": torch.get_rng_state(),  # format 1 readers
         },
         buf,
     )
     atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train_model` (a file this package wrote itself)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        raise RuntimeError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start afresh") from e
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that forwards unknown attributes to the wrapped module (``model.encoder`` keeps working).
+
+    Gradients are only averaged for computations that go through ``model(...)`` (DDP's forward); a loss that
+    calls sub-modules directly must use ``TrainConfig.ddp_sync="allreduce"``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def _allreduce_grads(params: list[nn.Parameter]) -> None:
+    import torch.distributed as dist
+
+    ws = ddp.get_world_size()
+    for p in params:
+        if p.grad is None:  # keep ranks in step: a missing grad counts as zeros
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(ws)
 
 
 def train_model(
@@ -131,73 +250,138 @@ def train_model(
     val_fn: Callable[[nn.Module], float] | None = None,
     name: str = "model",
     resume: bool = True,
-    params: Iterator[nn.Parameter] | None = None,
+    params: Iterable[nn.Parameter] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimiser steps.
 
     loss_fn(model, batch) -> loss or (loss, logs); batch_fn(step) -> batch (deterministic in step).
     val_fn(model) -> a validation quantity that uses **no real anomaly label** (used for early stopping and
     for keeping the best weights). With ``run_dir``, checkpoints go to ``run_dir/checkpoints/<name>.pt``
-    (atomically), every ``cfg.checkpoint_every`` steps and on SIGINT/SIGTERM; with ``resume`` an existing
-    checkpoint is continued. At the end the best-validation weights (if any) are loaded into ``model``.
+    (atomically), every ``cfg.checkpoint_every`` steps, at the end and on SIGINT/SIGTERM; with ``resume`` an
+    existing checkpoint is continued (a finished one is simply loaded). At the end the best-validation weights
+    (if any) are loaded into ``model``, which is left in eval mode on the training device.
+
+    Under ``torchrun`` (an initialised process group) training is data-parallel; see
+    :mod:`medanomaly.training.ddp` for how the batch is split. ``loss_fn`` then receives the DDP-wrapped model.
     """
     device = get_device(cfg.device)
+    rank, world = ddp.get_rank(), ddp.get_world_size()
+    distributed = ddp.is_distributed()
     model.to(device)
-    opt = torch.optim.AdamW(
-        list(params) if params is not None else [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-    )
+    param_list = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not param_list:
+        raise ValueError(f"{cfg.desc}: the model has no trainable parameters")
+    opt = torch.optim.AdamW(param_list, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
+    bad_vals = 0
     start = 0
+    finished = False
     ckpt = _ckpt_path(Path(run_dir), name) if run_dir is not None else None
+    if ckpt is not None and ddp.is_main_process() and ckpt.parent.is_dir():
+        for stale in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
     if ckpt is not None and resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file, written by this loop
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        state = load_checkpoint(ckpt, map_location=device)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RuntimeError(f"checkpoint {ckpt} does not fit this model ({e}); use another run folder or resume=False") from e
+        old = state.get("config", {})
+        changed = [k for k in _RESUME_KEYS if k in old and old[k] != getattr(cfg, k)]
+        if changed and ddp.is_main_process():
+            warnings.warn(f"{cfg.desc}: resuming {ckpt} with changed training settings {changed}; the result will "
+                          "differ from an uninterrupted run", stacklevel=2)
         start = int(state["step"])
-        result.history = state["history"]
+        result.history = list(state["history"])
         result.best_val, result.best_step = state["best_val"], state["best_step"]
         best_state = state["best_state"]
-        torch.set_rng_state(state["torch_rng"])
+        bad_vals = int(state.get("bad_vals", 0))
+        result.stopped_early = bool(state.get("stopped_early", False))
+        finished = bool(state.get("finished", False)) or result.stopped_early
+        if "rng" in state:
+            _set_rng_state(state["rng"])
+        else:
+            torch.set_rng_state(state["torch_rng"])
+        result.resumed_from = start
+    else:
+        seed_everything(int(cfg.seed) + rank)
+
+    train_net: nn.Module = model
+    if distributed:
+        if cfg.ddp_sync == "ddp":
+            kw: dict[str, Any] = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            train_net = _DDP(model, **kw)
+        else:  # same starting weights on every rank
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for t in model.state_dict().values():
+                    dist.broadcast(t, src=0)
 
     interrupted = {"flag": False}
 
     def _on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001
         interrupted["flag"] = True
 
-    old_handlers = {}
+    old_handlers: dict[int, Any] = {}
     with contextlib.suppress(ValueError):  # signals only in the main thread
         for sig in (signal.SIGINT, signal.SIGTERM):
             old_handlers[sig] = signal.signal(sig, _on_signal)
 
-    bad_vals = 0
-    bar = _progress(cfg.steps, start, cfg.desc, cfg.quiet)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+
+    total = 0 if finished else cfg.steps
+    bar = _progress(total, min(start, total), cfg.desc, cfg.quiet or not ddp.is_main_process())
     t0 = time.perf_counter()
     step = start
     try:
-        model.train()
-        while step < cfg.steps:
+        train_net.train()
+        while step < cfg.steps and not finished:
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                g["lr"] = cfg.lr * lr_factor(step, cfg)
             batch = batch_fn(step)
+            if distributed:
+                batch = ddp.shard_batch(batch, rank, world)
             with autocast(device, cfg.amp):
-                out = loss_fn(model, batch)
+                out = loss_fn(train_net, batch)
             loss, logs = (out if isinstance(out, tuple) else (out, {}))
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise TypeError(f"{cfg.desc}: loss_fn must return a scalar tensor (or (loss, logs)), got {type(loss).__name__}")
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{cfg.desc}: loss became {loss.item()} at step {step}")
+                raise FloatingPointError(f"{cfg.desc}: loss became {loss.item()} at step {step}; lower lr or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed and cfg.ddp_sync == "allreduce":
+                _allreduce_grads(param_list)
+            grad_norm = None
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(param_list, cfg.grad_clip))
             opt.step()
             step += 1
-            rec = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], **logs}
+            loss_v = float(loss.detach())
+            if distributed:  # average the loss for the log and agree on an interrupt
+                loss_v, flag = ddp.all_reduce_mean([loss_v, float(interrupted["flag"])])
+                interrupted["flag"] = flag > 0
+            rec: dict[str, Any] = {"step": step, "loss": loss_v, "lr": opt.param_groups[0]["lr"],
+                                   **{k: float(v) for k, v in logs.items()}}
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
             if val_fn is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-                model.eval()
-                with torch.no_grad():
-                    v = float(val_fn(model))
-                model.train()
+                v: float | None = None
+                if ddp.is_main_process():
+                    model.eval()
+                    with torch.no_grad(), autocast(device, cfg.amp):
+                        v = float(val_fn(model))
+                    train_net.train()
+                v = ddp.broadcast_float(v)
+                if v is None or not math.isfinite(v):
+                    raise FloatingPointError(f"{cfg.desc}: validation quantity is {v} at step {step}")
                 rec["val"] = v
                 better = result.best_val is None or (v < result.best_val if cfg.val_mode == "min" else v > result.best_val)
                 if better:
@@ -206,28 +390,37 @@ def train_model(
                     bad_vals = 0
                 else:
                     bad_vals += 1
-            result.history.append(rec)
+                rec["best_val"] = result.best_val
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", it_s=f"{(step - start) / max(elapsed, 1e-9):.1f}")
+            rec["seconds"] = elapsed
+            result.history.append(rec)
+            bar.set_postfix(loss=f"{loss_v:.4g}", it_s=f"{(step - start) / max(elapsed, 1e-9):.2f}")
             bar.update(1)
-            if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                _save_ckpt(ckpt, model, opt, step, result, best_state)
-            if interrupted["flag"]:
-                if ckpt is not None:
-                    _save_ckpt(ckpt, model, opt, step, result, best_state)
-                raise KeyboardInterrupt(f"{cfg.desc}: interrupted at step {step}; checkpoint saved, resume to continue")
             if cfg.early_stopping_patience and bad_vals >= cfg.early_stopping_patience:
                 result.stopped_early = True
                 break
+            if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                _save_ckpt(ckpt, model, opt, step, result, best_state, bad_vals, cfg, finished=False)
+            if interrupted["flag"]:
+                if ckpt is not None:
+                    _save_ckpt(ckpt, model, opt, step, result, best_state, bad_vals, cfg, finished=False)
+                raise KeyboardInterrupt(
+                    f"{cfg.desc}: interrupted at step {step}"
+                    + ("; checkpoint saved, resume to continue" if ckpt is not None else " (no run folder: nothing saved)")
+                )
     finally:
         bar.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(prev_det)
     result.steps_done = step
-    if ckpt is not None:
-        _save_ckpt(ckpt, model, opt, step, result, best_state)
+    result.seconds = time.perf_counter() - t0
+    if ckpt is not None and not finished:
+        _save_ckpt(ckpt, model, opt, step, result, best_state, bad_vals, cfg, finished=True)
     if best_state is not None:
         model.load_state_dict(best_state)
+    ddp.barrier()
     model.eval()
     return result
 

@@ -1,0 +1,268 @@
+"""``medanomaly``: the command line. Each command parses options and calls one function of
+:mod:`medanomaly.pipeline`; heavy imports happen inside the commands so ``--help`` stays fast.
+
+Errors a user can fix (wrong method name, bad run folder, unknown parameter, existing output) print one line
+``error: ...`` and exit with code 1. Set ``MEDANOMALY_DEBUG=1`` to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="medanomaly",
+    help="Unsupervised anomaly detection and localisation in medical images: train on healthy scans, "
+    "get anomaly maps and scores.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _message(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = str(msg).strip().replace("\n", " ")
+    known = ("PipelineError", "DataNotFoundError", "RunFolderError", "KeyError", "ValueError", "FileNotFoundError")
+    return msg if type(e).__name__ in known else f"{type(e).__name__}: {msg}"
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn any failure into one line on stderr and a non-zero exit code (traceback with MEDANOMALY_DEBUG=1)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt as e:
+        typer.echo(f"interrupted{': ' + str(e) if str(e) else ''}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        if os.environ.get("MEDANOMALY_DEBUG"):
+            raise
+        typer.echo(f"error: {_message(e)}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output.")]
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Argument(help="Method name (see `medanomaly list`).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Built-in dataset name or a manifest CSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    split: Annotated[str, typer.Option(help="Split to train on (healthy images only).")] = "train",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of parameters.")] = None,
+    config_set: Annotated[str | None, typer.Option("--config-set", help="Shipped configuration: cpu-small | paper.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value (YAML value), repeatable.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the config's, else 0).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preprocessing preset (default: the dataset's).")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size for the preset (default: the dataset's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoints.")] = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train METHOD on the healthy images of a dataset and save a run folder.
+
+    The validation split (healthy images, no lesion labels) is used for early stopping when the method has it.
+
+    Examples:
+
+        medanomaly train intensity --data lgg-flair-2d --out runs/intensity
+
+        medanomaly train autoencoder --data lgg-flair-2d --config-set cpu-small --set train.steps=200 --out runs/ae
+
+        medanomaly train autoencoder --data my_manifest.csv --out runs/ae --resume
+    """
+    from medanomaly import pipeline
+
+    if config is not None and config_set is not None:
+        typer.echo("error: give either --config or --config-set, not both", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    with _errors():
+        overrides = pipeline.parse_overrides(set_)
+        s = pipeline.train_run(method, data, out, split=split, config_set=config_set, config_file=config,
+                               overrides=overrides, seed=seed, preset=preset, size=size, resume=resume, force=force,
+                               quiet=quiet)
+        typer.echo(f"trained {s.method} on {s.n_train} images in {s.seconds:.1f} s -> {s.run_dir}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `medanomaly train`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images or volumes: NIfTI, DICOM (file or folder), PNG.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the maps and overlays.")],
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Anomaly maps for new images, written in each input's own geometry.
+
+    A 3D input gives `<name>_anomaly.nii.gz` (same affine); a 2D input `<name>_anomaly.png` (and `.nii.gz` for
+    NIfTI input); every input also an overlay `<name>_overlay.png`. Image scores go to `scores.csv`.
+
+    Examples:
+
+        medanomaly predict runs/ae scan1.nii.gz scan2.nii.gz --out maps/
+
+        medanomaly predict runs/ae slice_012.png --out maps/
+    """
+    from medanomaly import pipeline
+
+    with _errors():
+        written = pipeline.predict_files(run, inputs, out, force=force, quiet=quiet)
+        typer.echo(f"wrote {len(written)} map(s) to {out}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `medanomaly train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json and report.html.")],
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset name or manifest (default: the run's).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per predict call.")] = 16,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Predict a whole split and write `metrics.json` and `report.html`.
+
+    Pixel metrics (AP, AUROC, best DICE) are over foreground pixels; sample metrics use the image score.
+
+    Examples:
+
+        medanomaly evaluate runs/ae --data lgg-flair-2d --split test --out eval/ae
+
+        medanomaly evaluate runs/ae --data my_manifest.csv --split val --out eval/ae-val
+    """
+    from medanomaly import pipeline
+
+    with _errors():
+        m = pipeline.evaluate_run(run, data, out, split=split, batch_size=batch_size, force=force, quiet=quiet)
+        keys = ("pixel_ap", "pixel_auroc", "best_dice", "sample_ap", "sample_auroc", "seconds_per_image", "device")
+        typer.echo("  ".join(f"{k}={_fmt(m.get(k))}" for k in keys))
+        if m.get("report"):
+            typer.echo(f"report: {m['report']}")
+
+
+@app.command()
+def benchmark(
+    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated method names.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Dataset name or manifest.")],
+    config_set: Annotated[str | None, typer.Option("--config-set", help="cpu-small | paper.")] = "cpu-small",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (runs/, eval/, comparison.*).")] = Path("benchmark"),
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    seed: Annotated[int | None, typer.Option(help="Random seed for every method.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even when finished runs exist.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train (or reuse) and evaluate several methods on the same split; write one comparison table.
+
+    Finished runs in OUT/runs/<method> trained with the same settings are reused.
+
+    Examples:
+
+        medanomaly benchmark --methods intensity,autoencoder --data lgg-flair-2d
+
+        medanomaly benchmark -m intensity,autoencoder -d lgg-flair-2d --config-set paper --out bench-paper
+    """
+    from medanomaly import pipeline
+
+    with _errors():
+        rows = pipeline.run_benchmark(methods.split(","), data, out, config_set=config_set, split=split, seed=seed,
+                                      batch_size=batch_size, force=force, quiet=quiet)
+        for r in rows:
+            typer.echo("  ".join(f"{k}={_fmt(r.get(k))}" for k in ("method", "pixel_ap", "best_dice", "sample_auroc",
+                                                                   "seconds_per_image")))
+        typer.echo(f"table: {out / 'comparison.md'}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("medanomaly-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Retrain even when a finished demo run exists.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a small model on the real 2D brain MRI data (lgg-flair-2d), evaluate it, write the report.
+
+    Needs the shared data: found via `MEDANOMALY_DATA` or a `shared/data` folder beside the repository.
+
+    Examples:
+
+        medanomaly demo
+
+        MEDANOMALY_DATA=/data/medanomaly medanomaly demo --out /tmp/demo
+    """
+    from medanomaly import pipeline
+
+    with _errors():
+        m = pipeline.run_demo(out, force=force, quiet=quiet)
+        keys = ("method", "pixel_ap", "pixel_auroc", "best_dice", "sample_ap", "sample_auroc", "seconds_per_image")
+        typer.echo("  ".join(f"{k}={_fmt(m.get(k))}" for k in keys))
+        typer.echo(f"demo finished in {m['total_seconds']:.0f} s")
+        typer.echo(f"report: {m.get('report', out / 'eval' / 'report.html')}")
+
+
+@app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Methods (with their config sets), datasets, presets and synthetic-anomaly tasks.
+
+    Examples:
+
+        medanomaly list
+
+        medanomaly list --json
+    """
+    from medanomaly import pipeline
+
+    with _errors():
+        info = pipeline.list_everything()
+        if as_json:
+            typer.echo(json.dumps(info, indent=1))
+            return
+        typer.echo("methods:")
+        for name, sets in info["methods"].items():
+            typer.echo(f"  {name:<18} config sets: {', '.join(sets) or '-'}")
+        for key in ("datasets", "presets", "synth_tasks"):
+            typer.echo(f"{key.replace('_', ' ')}: {', '.join(info[key]) or '-'}")
+
+
+@app.command()
+def synth(
+    task: Annotated[str, typer.Argument(help="Synthetic-anomaly task (see `medanomaly list`).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Dataset name or manifest (healthy images).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    n: Annotated[int, typer.Option("-n", help="Number of examples.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Make synthetic anomalies from healthy images (for inspection and for self-supervised methods).
+
+    Examples:
+
+        medanomaly synth poisson_intra --data lgg-flair-2d --out synth/ -n 8
+    """
+    with _errors():
+        from medanomaly.synth.cli import run_synth_cli
+
+        run_synth_cli(task, data, out, n, seed)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

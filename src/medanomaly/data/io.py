@@ -1,0 +1,483 @@
+"""Reading and writing images with their geometry.
+
+Every reader returns a :class:`Loaded`: the voxel array, a 4x4 voxel-to-world affine in RAS+ millimetres (the NIfTI
+convention; DICOM's LPS is converted), the voxel spacing and a metadata dict (``format``, ``path``, and what the
+format carries, e.g. the DICOM window). 2D images are ``(rows, cols)``; volumes are indexed in the order their affine
+describes (NIfTI order; DICOM series as ``(col, row, slice)`` like dcm2niix).
+
+Bad files raise :class:`DataError` (a ``ValueError``) whose message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "Loaded",
+    "read_image",
+    "read_mask",
+    "read_nifti",
+    "read_dicom",
+    "read_dicom_series",
+    "read_pil",
+    "read_lgg_npz",
+    "detect_format",
+    "check_array",
+    "apply_window",
+    "write_nifti_map",
+    "write_png_map",
+    "save_overlay_png",
+    "resample_to_reference",
+]
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class DataError(ValueError):
+    """A problem with input data: the message names the file (when there is one) and the problem."""
+
+
+@dataclass
+class Loaded:
+    """An image array with its geometry and metadata."""
+
+    array: np.ndarray
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    spacing: tuple[float, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if not self.spacing:
+            self.spacing = spacing_from_affine(self.affine, self.array.ndim)
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the affine (e.g. ``"RAS"``), for volumes."""
+        import nibabel as nib
+
+        return "".join(nib.aff2axcodes(self.affine)) if self.array.ndim == 3 else ""
+
+
+def spacing_from_affine(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
+    norms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return tuple(float(v) for v in norms[: min(ndim, 3)])
+
+
+def _name(path: Path | str | None) -> str:
+    return f"{path}: " if path is not None else ""
+
+
+def check_array(a: np.ndarray, path: Path | str | None = None, *, what: str = "image", allow_constant: bool = True) -> np.ndarray:
+    """Raise :class:`DataError` for empty arrays and NaN/Inf; return ``a`` as a numeric array."""
+    a = np.asarray(a)
+    if a.size == 0 or 0 in a.shape:
+        raise DataError(f"{_name(path)}{what} is empty (shape {a.shape})")
+    if a.dtype == bool:
+        return a
+    if not np.issubdtype(a.dtype, np.number):
+        raise DataError(f"{_name(path)}{what} has a non-numeric dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise DataError(f"{_name(path)}{what} contains {int(bad.sum())} NaN/Inf values")
+    if not allow_constant and a.min() == a.max():
+        raise DataError(f"{_name(path)}{what} is empty: every value equals {a.flat[0]}")
+    return a
+
+
+def detect_format(path: Path) -> str:
+    """``nifti``, ``dicom``, ``dicom-series`` (a folder), ``pil`` or ``npz``; unknown formats raise."""
+    name = path.name.lower()
+    if path.is_dir():
+        return "dicom-series"
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        return "nifti"
+    if name.endswith(".dcm") or name.endswith(".dicom"):
+        return "dicom"
+    if name.endswith(PIL_SUFFIXES):
+        return "pil"
+    if name.endswith(".npz"):
+        return "npz"
+    try:  # DICOM files often have no suffix: look for the "DICM" preamble marker
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if len(head) == 132 and head[128:132] == b"DICM":
+            return "dicom"
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+    raise DataError(
+        f"{path}: unknown image format (suffix {''.join(path.suffixes) or 'none'}); "
+        "expected .nii/.nii.gz, .dcm (or a DICOM folder), .png/.jpg/.tif, or an LGG .npz"
+    )
+
+
+def read_image(path: str | Path, *, expect_dims: int | None = None, allow_constant: bool = False, **kw: Any) -> Loaded:
+    """Read any supported image, dispatching on the format.
+
+    ``expect_dims`` (2 or 3) checks the number of spatial dimensions; trailing singleton axes are squeezed (a 4D
+    NIfTI with one time point is fine, a real 4D series is an error). ``kw`` goes to the format's reader.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    fmt = detect_format(path)
+    reader = {"nifti": read_nifti, "dicom": read_dicom, "dicom-series": read_dicom_series, "pil": read_pil,
+              "npz": read_lgg_npz}[fmt]
+    loaded = reader(path, **kw)
+    if expect_dims is not None:
+        arr = loaded.array
+        while arr.ndim > expect_dims and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != expect_dims:
+            raise DataError(f"{path}: expected a {expect_dims}D image, got {arr.ndim}D with shape {tuple(loaded.array.shape)}")
+        loaded.array = arr
+    check_array(loaded.array, path, allow_constant=allow_constant)
+    return loaded
+
+
+def read_mask(path: str | Path, *, expect_dims: int | None = None) -> Loaded:
+    """Read a lesion mask and check it is binary ({0, 1}, or {0, 255} for 8-bit images); returns a bool array."""
+    loaded = read_image(path, expect_dims=expect_dims, allow_constant=True)
+    a = loaded.array
+    vals = np.unique(a)
+    if vals.size > 2 or not set(vals.tolist()) <= {0, 1, 255}:
+        shown = ", ".join(f"{v:g}" for v in vals[:6]) + (", ..." if vals.size > 6 else "")
+        raise DataError(f"{path}: mask is not binary (values {shown}); expected 0/1")
+    loaded.array = a > 0
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------- NIfTI
+def read_nifti(path: str | Path) -> Loaded:
+    """NIfTI via nibabel (scaling applied, float32 unless the file stores integers without scaling)."""
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        if img.dataobj.slope in (None, 1.0) and img.dataobj.inter in (None, 0.0) and np.issubdtype(
+            img.get_data_dtype(), np.integer
+        ):
+            arr = np.asarray(img.dataobj)
+        else:
+            arr = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel/gzip/zlib raise many types for broken files
+        raise DataError(f"{path}: unreadable or truncated NIfTI file ({type(e).__name__}: {e})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: min(arr.ndim, 3)])
+    meta = {"format": "nifti", "path": str(path), "orientation": "".join(nib.aff2axcodes(affine)),
+            "dtype": str(img.get_data_dtype())}
+    return Loaded(arr, affine, zooms, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------- DICOM
+def _dcm_read(path: Path, stop_before_pixels: bool = False) -> Any:
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+    except Exception as e:
+        raise DataError(f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from None
+
+
+def _first(v: Any) -> float:
+    try:
+        return float(v[0])
+    except TypeError:
+        return float(v)
+
+
+def _dcm_pixels(ds: Any, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pixel values after the modality LUT (slope/intercept), MONOCHROME1 inverted; window stored in meta."""
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: DICOM file has no pixel data (missing tag PixelData)")
+    for tag in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
+        if tag not in ds:
+            raise DataError(f"{path}: DICOM file is missing the required tag {tag}")
+    try:
+        raw = ds.pixel_array
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode DICOM pixel data ({type(e).__name__}: {e})") from None
+    if raw.ndim == 3 and raw.shape[-1] in (3, 4) and ds.get("SamplesPerPixel", 1) > 1:
+        raw = raw[..., :3].mean(axis=-1)
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    inter = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    arr = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    meta: dict[str, Any] = {"format": "dicom", "rescale_slope": slope, "rescale_intercept": inter,
+                            "photometric": str(ds.PhotometricInterpretation), "modality": str(ds.get("Modality", ""))}
+    centre = ds.get("WindowCenter")
+    width = ds.get("WindowWidth")
+    if centre is not None and width is not None:
+        meta["window_center"], meta["window_width"] = _first(centre), _first(width)
+    if str(ds.PhotometricInterpretation) == "MONOCHROME1":
+        # Invert so that high = bright, and move the window with the values: v -> lo + hi - v.
+        bits = int(ds.get("BitsStored", ds.BitsAllocated))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        raw_lo, raw_hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        lo, hi = sorted((raw_lo * slope + inter, raw_hi * slope + inter))
+        arr = np.float32(lo + hi) - arr
+        if "window_center" in meta:
+            meta["window_center"] = lo + hi - meta["window_center"]
+        meta["inverted"] = True
+    return arr, meta
+
+
+def apply_window(arr: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """Clip to the DICOM window ``[centre - width/2, centre + width/2]`` (linear, as in the standard's default)."""
+    if width <= 0:
+        raise DataError(f"DICOM window width must be positive, got {width}")
+    return np.clip(arr, centre - width / 2.0, centre + width / 2.0)
+
+
+def read_dicom(path: str | Path, *, window: bool = False) -> Loaded:
+    """One DICOM file as a 2D ``(rows, cols)`` image (multi-frame files give ``(frames, rows, cols)``).
+
+    Values are after RescaleSlope/Intercept; MONOCHROME1 is inverted; ``window=True`` also clips to the file's
+    window (otherwise ``meta['window_center'/'window_width']`` keep it for the ``cxr`` preset)."""
+    path = Path(path)
+    ds = _dcm_read(path)
+    arr, meta = _dcm_pixels(ds, path)
+    meta["path"] = str(path)
+    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    row_sp, col_sp = (float(ps[0]), float(ps[1])) if ps is not None else (1.0, 1.0)
+    meta["spacing_known"] = ps is not None
+    if window and "window_center" in meta:
+        arr = apply_window(arr, meta["window_center"], meta["window_width"])
+    affine = np.diag([row_sp, col_sp, 1.0, 1.0])
+    return Loaded(arr, affine, (row_sp, col_sp) if arr.ndim == 2 else (1.0, row_sp, col_sp), meta)
+
+
+def read_dicom_series(path: str | Path) -> Loaded:
+    """A folder of single-slice DICOM files as a volume ``(col, row, slice)`` with a RAS affine.
+
+    Slices are sorted along the slice normal by ImagePositionPatient, or by InstanceNumber when positions are missing
+    (then the spacing comes from SliceThickness). Mixed series (several SeriesInstanceUIDs) raise.
+    """
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{path}: DICOM folder is empty")
+    heads = [(_dcm_read(f, stop_before_pixels=True), f) for f in files]
+    uids = {str(h.get("SeriesInstanceUID", "")) for h, _ in heads}
+    if len(uids) > 1:
+        raise DataError(f"{path}: folder mixes {len(uids)} DICOM series; put one series per folder")
+    h0 = heads[0][0]
+    iop = h0.get("ImageOrientationPatient")
+    have_pos = iop is not None and all(h.get("ImagePositionPatient") is not None for h, _ in heads)
+    if have_pos:
+        r = np.array([float(v) for v in iop[:3]])  # direction of increasing column index
+        c = np.array([float(v) for v in iop[3:]])  # direction of increasing row index
+        normal = np.cross(r, c)
+        pos = [np.array([float(v) for v in h.ImagePositionPatient]) for h, _ in heads]
+        order = np.argsort([float(p @ normal) for p in pos], kind="stable")
+    elif all(h.get("InstanceNumber") is not None for h, _ in heads):
+        r, c, normal = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
+        pos = None
+        order = np.argsort([int(h.InstanceNumber) for h, _ in heads], kind="stable")
+    else:
+        raise DataError(f"{path}: cannot order the DICOM series: ImagePositionPatient/ImageOrientationPatient and "
+                        "InstanceNumber are missing")
+    slices, metas = [], []
+    for i in order:
+        arr, meta = _dcm_pixels(_dcm_read(heads[i][1]), heads[i][1])
+        if arr.ndim != 2:
+            raise DataError(f"{heads[i][1]}: expected a single-frame slice in a series, got shape {arr.shape}")
+        slices.append(arr)
+        metas.append(meta)
+    shapes = {s.shape for s in slices}
+    if len(shapes) > 1:
+        raise DataError(f"{path}: slices of the series have different sizes {sorted(shapes)}")
+    vol = np.stack([s.T for s in slices], axis=-1)  # (col, row, slice)
+    ps = h0.get("PixelSpacing")
+    row_sp, col_sp = (float(ps[0]), float(ps[1])) if ps is not None else (1.0, 1.0)
+    if pos is not None and len(order) > 1:
+        p_sorted = [pos[i] for i in order]
+        step = (p_sorted[-1] - p_sorted[0]) / (len(order) - 1)
+        origin = p_sorted[0]
+    else:
+        thick = float(h0.get("SpacingBetweenSlices", h0.get("SliceThickness", 1.0)) or 1.0)
+        step = normal * thick
+        origin = pos[order[0]] if pos is not None else np.zeros(3)
+    aff = np.eye(4)
+    aff[:3, 0], aff[:3, 1], aff[:3, 2], aff[:3, 3] = r * col_sp, c * row_sp, step, origin
+    meta = dict(metas[0])
+    meta.update({"format": "dicom-series", "path": str(path), "n_slices": len(order), "sorted_by":
+                 "ImagePositionPatient" if pos is not None else "InstanceNumber",
+                 "files": [str(heads[i][1].name) for i in order]})
+    return Loaded(vol.astype(np.float32), LPS_TO_RAS @ aff, (), meta)
+
+
+# -------------------------------------------------------------------------------------------------- PNG/JPEG/TIFF
+def read_pil(path: str | Path, *, grey: bool = True) -> Loaded:
+    """PNG/JPEG/TIFF/BMP via Pillow: ``(rows, cols)`` (``grey=True``: colour converted to luminance)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if grey and im.mode not in ("L", "I", "I;16", "F", "1"):
+                im = im.convert("L")
+            arr = np.array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated image file ({type(e).__name__}: {e})") from None
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    return Loaded(arr, np.eye(4), (1.0, 1.0), {"format": "pil", "path": str(path)})
+
+
+# ------------------------------------------------------------------------------------------------------ LGG .npz
+def read_lgg_npz(path: str | Path) -> Loaded:
+    """The shared LGG per-patient ``.npz``: ``array`` = FLAIR slices (S, 256, 256), ``meta['mask']`` the tumour mask
+    (S, 256, 256) bool and ``meta['slice_number']`` (S,). No spacing is stored (identity affine)."""
+    path = Path(path)
+    try:
+        with np.load(path) as z:
+            missing = [k for k in ("flair", "mask", "slice_number") if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: LGG .npz lacks the keys {missing} (has {z.files})")
+            flair, mask, num = z["flair"], z["mask"], z["slice_number"]
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: unreadable or truncated .npz file ({type(e).__name__}: {e})") from None
+    if flair.ndim != 3 or mask.shape != flair.shape or num.shape != (flair.shape[0],):
+        raise DataError(f"{path}: inconsistent LGG arrays: flair {flair.shape}, mask {mask.shape}, slice_number {num.shape}")
+    check_array(flair, path, what="flair")
+    return Loaded(flair, np.eye(4), (1.0, 1.0, 1.0),
+                  {"format": "npz", "path": str(path), "mask": mask > 0, "slice_number": num.astype(int)})
+
+
+# -------------------------------------------------------------------------------------------------------- writers
+def resample_to_reference(
+    arr: np.ndarray, arr_affine: np.ndarray, ref_shape: tuple[int, ...], ref_affine: np.ndarray, order: int = 1, cval: float = 0.0
+) -> np.ndarray:
+    """Resample a 3D array given in ``arr_affine`` onto the grid ``(ref_shape, ref_affine)`` (world coordinates)."""
+    from scipy.ndimage import affine_transform
+
+    m = np.linalg.inv(np.asarray(arr_affine, float)) @ np.asarray(ref_affine, float)  # ref voxel -> arr voxel
+    return affine_transform(np.asarray(arr, np.float32), m[:3, :3], offset=m[:3, 3], output_shape=tuple(ref_shape),
+                            order=order, mode="constant", cval=cval)
+
+
+def write_nifti_map(
+    amap: np.ndarray | Any, reference: Loaded | np.ndarray, path: str | Path, *, map_affine: np.ndarray | None = None
+) -> Path:
+    """Save a 3D (or 2D) anomaly map as NIfTI in the geometry of ``reference`` (a :class:`Loaded` or a 4x4 affine).
+
+    If ``map_affine`` is given (e.g. the affine of a preprocessed volume) and ``reference`` is a :class:`Loaded`, the
+    map is resampled into the reference's own grid, so it overlays the input image voxel for voxel.
+    """
+    import nibabel as nib
+
+    from medanomaly.data.preprocess import to_numpy
+
+    a = np.asarray(to_numpy(amap), dtype=np.float32)
+    a = np.squeeze(a) if a.ndim > 3 else a
+    check_array(a, path, what="anomaly map")
+    if isinstance(reference, Loaded):
+        ref_aff, ref_shape = reference.affine, reference.shape
+        if map_affine is not None and (a.shape != ref_shape or not np.allclose(map_affine, ref_aff)):
+            a = resample_to_reference(a, map_affine, ref_shape, ref_aff)
+        elif a.shape != ref_shape:
+            raise DataError(f"{path}: map shape {a.shape} differs from the reference image shape {ref_shape}; "
+                            "pass map_affine to resample it")
+    else:
+        ref_aff = np.asarray(reference, float)
+        if ref_aff.shape != (4, 4):
+            raise DataError(f"{path}: reference must be a Loaded image or a 4x4 affine, got shape {ref_aff.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(a, ref_aff)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+    return path
+
+
+def write_png_map(amap: np.ndarray | Any, path: str | Path, *, vmin: float | None = None, vmax: float | None = None) -> Path:
+    """Save a 2D map as an 8-bit grey PNG scaled from [vmin, vmax] (default: the map's range)."""
+    from PIL import Image
+
+    from medanomaly.data.preprocess import to_numpy
+
+    a = np.squeeze(np.asarray(to_numpy(amap), dtype=np.float64))
+    if a.ndim != 2:
+        raise DataError(f"{path}: write_png_map needs a 2D map, got shape {a.shape}")
+    check_array(a, path, what="map")
+    lo = float(a.min()) if vmin is None else vmin
+    hi = float(a.max()) if vmax is None else vmax
+    u8 = np.clip(np.round((a - lo) / max(hi - lo, 1e-12) * 255), 0, 255).astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(u8).save(path)
+    return path
+
+
+def save_overlay_png(
+    image: np.ndarray | Any,
+    heatmap: np.ndarray | Any,
+    mask: np.ndarray | Any | None = None,
+    path: str | Path = "overlay.png",
+    *,
+    slice_index: int | None = None,
+    alpha: float = 0.45,
+    cmap: str = "inferno",
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Path:
+    """Image in grey, the heat-map semi-transparent on top, the lesion mask as a contour; saves a PNG.
+
+    3D inputs: the axial slice ``slice_index`` of the last axis (default: the slice with the highest heat).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medanomaly.data.preprocess import to_numpy
+
+    img = np.squeeze(np.asarray(to_numpy(image), dtype=np.float32))
+    heat = np.squeeze(np.asarray(to_numpy(heatmap), dtype=np.float32))
+    msk = None if mask is None else np.squeeze(np.asarray(to_numpy(mask))).astype(bool)
+    if img.shape != heat.shape or (msk is not None and msk.shape != img.shape):
+        raise DataError(f"{path}: overlay shapes differ: image {img.shape}, heatmap {heat.shape}"
+                        + (f", mask {msk.shape}" if msk is not None else ""))
+    if img.ndim == 3:
+        k = int(np.argmax(heat.reshape(-1, heat.shape[-1]).max(axis=0))) if slice_index is None else slice_index
+        img, heat = img[..., k], heat[..., k]
+        msk = None if msk is None else msk[..., k]
+    elif img.ndim != 2:
+        raise DataError(f"{path}: overlay needs a 2D or 3D image, got shape {img.shape}")
+    check_array(img, path)
+    check_array(heat, path, what="heatmap")
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.imshow(img, cmap="gray", interpolation="nearest")
+    h = ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if msk is not None and msk.any():
+        ax.contour(msk.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
+    fig.colorbar(h, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,279 @@
+"""``amae``: Adaptation of a pre-trained Masked AutoEncoder for dual-distribution anomaly detection
+(Bozorgtabar et al., seed paper 002).
+
+- Stage 1: a 3-layer MLP head on mean-pooled features of the *frozen* pre-trained MAE encoder learns to tell
+  healthy images (0) from AnatPaste-augmented ones (1), cross-entropy.
+- Stage 2 (only with an unlabeled pool): stage 1 pseudo-labels the pool; per predicted class the most confident
+  ``keep_fraction`` is kept. Module A (MAE from the pre-trained weights) is adapted on healthy + pseudo-normal
+  images, module B on pseudo-abnormal ones, each with ``n_masks_train`` random masks per image. At test time the
+  map is |mean of A's reconstructions - mean of B's| over ``n_masks_test`` shared maskings, image score its mean.
+- Without a pool (the paper's protocol N) the image score is the stage-1 head probability and the map the
+  pre-trained MAE's residual |x - reconstruction|.
+
+The pool is passed as ``fit(train, val, unlabeled=dataset)`` or named by ``stage2.unlabeled_data`` (a dataset name
+or manifest for :func:`medanomaly.data.load_dataset`). Its labels and masks are never read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medanomaly.methods.base import AnomalyResult, register
+from medanomaly.methods.mae.common import (
+    MAE_COMMON_DEFAULTS,
+    MAEFamilyDetector,
+    apply_synth,
+    dataset_tensors,
+    synth_task,
+)
+from medanomaly.nets.mae import MAE, pretrain_mae
+
+__all__ = ["AMAE", "MLPHead", "pseudo_label"]
+
+
+class MLPHead(nn.Module):
+    """The 3-layer MLP projection head (two hidden layers, 2 logits)."""
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2)
+        )
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)
+
+
+def pseudo_label(p_abnormal: np.ndarray, keep_fraction: float = 0.5, min_abnormal: int = 4,
+                 fallback_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Indices (pseudo-normal, pseudo-abnormal) of a pool from stage-1 probabilities.
+
+    Each image gets the class of the higher probability; within each class the ``keep_fraction`` most confident
+    are kept (the paper's per-class top-K percentile, K = 50). When fewer than ``min_abnormal`` images survive as
+    pseudo-abnormal, the ``fallback_fraction`` of the pool with the highest abnormal probability is used instead
+    (third value True).
+    """
+    p = np.asarray(p_abnormal, dtype=float)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"pseudo_label: need a non-empty 1-D array of probabilities, got shape {p.shape}")
+    pred = p >= 0.5
+    out = []
+    for cls in (False, True):
+        idx = np.flatnonzero(pred == cls)
+        conf = p[idx] if cls else 1.0 - p[idx]
+        k = int(math.ceil(keep_fraction * len(idx)))
+        out.append(np.sort(idx[np.argsort(-conf, kind="stable")[:k]]))
+    normal, abnormal = out
+    fallback = False
+    if len(abnormal) < min(min_abnormal, p.size):
+        fallback = True
+        k = max(1, int(round(fallback_fraction * p.size)))
+        order = np.argsort(-p, kind="stable")
+        abnormal = np.sort(order[:k])
+        normal = np.sort(np.setdiff1d(normal, abnormal))
+    return normal, abnormal, fallback
+
+
+@register
+class AMAE(MAEFamilyDetector):
+    name = "amae"
+    defaults = {
+        **MAE_COMMON_DEFAULTS,
+        "stage1": {
+            "task": "anatpaste",
+            "anatomy": "brain",  # AnatPaste's anatomical mask: brain | cxr (lungs)
+            "hidden": 256,
+            "steps": 1000,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "weight_decay": 1e-4,
+            "warmup_steps": 50,
+            "val_every": 100,
+        },
+        "stage2": {
+            "enabled": True,  # run stage 2 when a pool is given
+            "unlabeled_data": None,  # dataset name/manifest for the pool (alternative to fit(..., unlabeled=))
+            "unlabeled_split": "train",
+            "unlabeled_size": None,
+            "keep_fraction": 0.5,
+            "min_abnormal": 4,
+            "fallback_fraction": 0.25,
+            "mask_ratio": 0.75,
+            "n_masks_train": 2,
+            "n_masks_test": 4,
+            "test_seed": 1234,
+            "steps": 1000,
+            "batch_size": 32,
+            "lr": 5e-4,
+            "weight_decay": 0.05,
+            "warmup_steps": 50,
+            "val_every": 200,
+            "checkpoint_every": 500,
+        },
+        "residual": {"mask_ratio": 0.75, "n_masks": 4},  # the stage-1-only map
+    }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.head: MLPHead | None = None
+        self.mae_a: MAE | None = None
+        self.mae_b: MAE | None = None
+        self.pool_info: dict[str, Any] = {}
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(self, train: Any, val: Any | None = None, unlabeled: Any | None = None) -> AMAE:
+        train, val = self._split(train, val)
+        x, fg = dataset_tensors(train, self.model_size, "train")
+        xv, fgv = dataset_tensors(val, self.model_size, "val") if val is not None else (None, None)
+        self.mae = self._backbone(x, xv)
+        self._fit_stage1(x, fg, xv, fgv)
+        self.mae_a = self.mae_b = None
+        self.pool_info = {}
+        s2 = self.params["stage2"]
+        if unlabeled is None and s2["unlabeled_data"]:
+            from medanomaly.data.samples import load_dataset
+
+            kw = {"size": s2["unlabeled_size"]} if s2["unlabeled_size"] else {}
+            unlabeled = load_dataset(s2["unlabeled_data"], split=s2["unlabeled_split"], **kw)
+        if unlabeled is not None and s2["enabled"]:
+            xu, _ = dataset_tensors(unlabeled, self.model_size, "unlabeled pool")
+            self._fit_stage2(x, xv, xu)
+        self.is_fitted = True
+        return self
+
+    def _features(self, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.mae.features(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)])
+
+    def _fit_stage1(self, x: torch.Tensor, fg: torch.Tensor, xv: torch.Tensor | None, fgv: torch.Tensor | None) -> None:
+        from medanomaly.training.loop import TrainConfig, train_model
+
+        s = self.params["stage1"]
+        seed = int(self.params["seed"])
+        aug = synth_task(s["task"], {"anatomy": s["anatomy"]} if s["task"] == "anatpaste" else {})
+        self.head = MLPHead(self.mae.net.cls_token.shape[-1], int(s["hidden"]))
+        half = max(1, int(s["batch_size"]) // 2)
+        n = x.shape[0]
+
+        def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rng = np.random.default_rng([seed, 1, step])
+            idx = torch.as_tensor(rng.integers(0, n, size=half))
+            xn = x[idx]
+            xa = apply_synth(aug, xn, fg[idx], rng)
+            return torch.cat([xn, xa]), torch.cat([torch.zeros(half), torch.ones(half)]).long()
+
+        ce = nn.CrossEntropyLoss()
+
+        def loss_fn(head: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            xb, yb = batch
+            logits = head(self._features(xb))
+            yb = yb.to(logits.device)
+            return ce(logits, yb), {"acc": float((logits.argmax(1) == yb).float().mean())}
+
+        val_fn = None
+        if xv is not None and len(xv):
+            rng = np.random.default_rng([seed, 2])
+            fv = torch.cat([self._features(xv), self._features(apply_synth(aug, xv, fgv, rng))])
+            yv = torch.cat([torch.zeros(len(xv)), torch.ones(len(xv))]).long().to(self.device)
+            val_fn = lambda head: float(ce(head(fv), yv))  # noqa: E731 - synthetic validation only
+        cfg = TrainConfig(
+            steps=int(s["steps"]), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]),
+            warmup_steps=int(s["warmup_steps"]), val_every=int(s["val_every"]) if val_fn else 0, val_mode="min",
+            seed=seed, device=self.params["device"], quiet=self.quiet, desc="AMAE stage 1",
+        )
+        res = train_model(self.head, loss_fn, batch_fn, cfg, run_dir=self._stage_dir("stage1"), val_fn=val_fn,
+                          name="head", resume=self.resume)
+        self._log(res.history, "stage1")
+        self.head.eval()
+
+    def stage1_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage-1 probability of 'synthetic anomaly' for images already at the model size."""
+        with torch.no_grad():
+            return torch.softmax(self.head(self._features(x)), dim=1)[:, 1]
+
+    def _fit_stage2(self, x: torch.Tensor, xv: torch.Tensor | None, xu: torch.Tensor) -> None:
+        s = self.params["stage2"]
+        seed = int(self.params["seed"])
+        p = self.stage1_scores(xu).cpu().numpy()
+        normal, abnormal, fallback = pseudo_label(p, float(s["keep_fraction"]), int(s["min_abnormal"]),
+                                                  float(s["fallback_fraction"]))
+        self.pool_info = {"pool_size": int(len(xu)), "pseudo_normal": int(len(normal)),
+                          "pseudo_abnormal": int(len(abnormal)), "fallback": bool(fallback)}
+        self.train_log.append({"stage": "pseudo-label", **self.pool_info})
+        settings = {k: s[k] for k in ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "mask_ratio",
+                                      "val_every", "checkpoint_every")}
+        settings["flip"] = bool(self.params["pretrain"]["flip"])
+        xa_train = torch.cat([x, xu[torch.as_tensor(normal, dtype=torch.long)]]) if len(normal) else x
+        self.mae_a = self.clone_trainable(self.mae)
+        ra = pretrain_mae(self.mae_a, xa_train, settings, val_images=xv, seed=seed + 11, device=self.params["device"],
+                          run_dir=self._stage_dir("stage2"), name="module_a", resume=self.resume, quiet=self.quiet,
+                          n_masks=int(s["n_masks_train"]), desc="AMAE module A")
+        self._log(ra.history, "stage2-A")
+        self.mae_b = self.clone_trainable(self.mae)
+        rb = pretrain_mae(self.mae_b, xu[torch.as_tensor(abnormal, dtype=torch.long)], {**settings, "val_every": 0},
+                          seed=seed + 22, device=self.params["device"], run_dir=self._stage_dir("stage2"),
+                          name="module_b", resume=self.resume, quiet=self.quiet, n_masks=int(s["n_masks_train"]),
+                          desc="AMAE module B")
+        self._log(rb.history, "stage2-B")
+        for m in (self.mae_a, self.mae_b):
+            m.eval()
+            for prm in m.parameters():
+                prm.requires_grad_(False)
+
+    # -- inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
+        x, fg = self._prepare(images, foreground)
+        bs = int(self.params["batch_size"])
+        p1 = self.stage1_scores(x)
+        extras: dict[str, Any] = {"stage1_scores": p1.cpu()}
+        if self.mae_a is not None and self.mae_b is not None:
+            s = self.params["stage2"]
+            ratio, n_masks, tseed = float(s["mask_ratio"]), int(s["n_masks_test"]), int(s["test_seed"])
+            ra = self.mae_a.reconstruct(x, ratio, n_masks, torch.Generator().manual_seed(tseed), bs)
+            rb = self.mae_b.reconstruct(x, ratio, n_masks, torch.Generator().manual_seed(tseed), bs)
+            maps = (ra - rb).abs().mean(1)
+            if fg is not None:
+                maps = maps * fg[:, 0]
+            scores = self._masked_mean(maps, fg)
+            extras.update(reconstructions_a=ra.cpu(), reconstructions_b=rb.cpu())
+        else:
+            r = self.params["residual"]
+            rec = self.mae.reconstruct(x, float(r["mask_ratio"]), int(r["n_masks"]),
+                                       torch.Generator().manual_seed(int(self.params["stage2"]["test_seed"])), bs)
+            maps = (x - rec).abs().mean(1)
+            if fg is not None:
+                maps = maps * fg[:, 0]
+            scores = p1
+            extras["reconstructions"] = rec.cpu()
+        out = self._to_input_size(maps, tuple(images.shape[2:]))
+        return AnomalyResult(out.cpu(), scores.float().cpu(), extras)
+
+    # -- state --------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = self._mae_state("mae.")
+        t.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        if self.mae_a is not None and self.mae_b is not None:
+            t.update({f"mae_a.{k}": v for k, v in self.mae_a.state_dict().items()})
+            t.update({f"mae_b.{k}": v for k, v in self.mae_b.state_dict().items()})
+        return t
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.mae = self._load_mae(tensors, "mae.")
+        self.head = MLPHead(self.mae.net.cls_token.shape[-1], int(self.params["stage1"]["hidden"]))
+        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        self.head.to(self.device).eval()
+        has2 = any(k.startswith("mae_a.") for k in tensors)
+        self.mae_a = self._load_mae(tensors, "mae_a.") if has2 else None
+        self.mae_b = self._load_mae(tensors, "mae_b.") if has2 else None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"pool": self.pool_info}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.pool_info = dict(state.get("pool") or {})

@@ -1,0 +1,59 @@
+"""MIM-OOD (Naval Marimont et al.): an Anomalous Token Detector picks tokens, a masked visual token model
+(MVTM) re-samples them; T iterations, R restorations in one batch. See :mod:`.common` for the shared pipeline."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from medanomaly.methods.base import register
+from medanomaly.methods.mim_ood.common import (
+    TokenRestorationDetector,
+    derive_defaults,
+    random_token_corruption,
+    train_mvtm,
+    train_token_classifier,
+)
+from medanomaly.nets.tokens import MaskBank, TokenTransformer, mim_restore, mvtm_token_nll
+
+__all__ = ["MIMOOD"]
+
+
+@register
+class MIMOOD(TokenRestorationDetector):
+    """MIM-OOD. Token scores (``extras["token_scores"]``): ATD probability of each token being anomalous;
+    with ``restoration.extra_token_scores`` also ``token_scores_mvtm`` (MVTM negative log-likelihood)."""
+
+    name: ClassVar[str] = "mim-ood"
+    defaults: ClassVar[dict[str, Any]] = derive_defaults()
+    latent_modules: ClassVar[tuple[str, ...]] = ("atd", "mvtm")
+
+    def _build_latent(self) -> dict[str, TokenTransformer]:
+        k = int(self.params["tokenizer"]["num_embeddings"])
+        return {"atd": self._transformer(1), "mvtm": self._transformer(k)}
+
+    def _fit_latent(self, tokens: torch.Tensor, val_tokens: torch.Tensor | None, reused: set[str]) -> None:
+        kw, mp = self._train_kw(), self.params["masks"]
+        rng = np.random.default_rng([int(self.params["seed"]), 7])
+        if "mvtm" not in reused:
+            bank = MaskBank(self.token_shape, int(mp["bank_size"]), rng, "cosine")
+            self.train_log += train_mvtm(self.nets["mvtm"], tokens, val_tokens, bank, self.params["transformer_train"], **kw)
+        if "atd" not in reused:
+            cbank = MaskBank(self.token_shape, int(mp["bank_size"]), rng, "uniform", float(mp["corrupt_low"]),
+                             float(mp["corrupt_high"]))
+            corrupt = random_token_corruption(cbank, self.used_ids)
+            self.train_log += train_token_classifier(self.nets["atd"], tokens, val_tokens, corrupt,
+                                                     self.params["transformer_train"], name="atd", **kw)
+
+    def _token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.nets["atd"](tokens).squeeze(-1).float())
+
+    def _restore(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rp = self.params["restoration"]
+        return mim_restore(tokens, self._token_scores, self.nets["mvtm"], self.threshold, int(rp["T"]), int(rp["R"]),
+                           float(rp["temperature"]), generator, self.logit_bias(tokens.device))
+
+    def _extra_token_scores(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"token_scores_mvtm": mvtm_token_nll(self.nets["mvtm"], tokens, self.token_shape)}

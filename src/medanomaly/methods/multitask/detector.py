@@ -1,0 +1,632 @@
+"""``multitask``: the multi-task synthetic-anomaly U-Net with cross-validation over tasks (MTMLW, paper ``001``).
+
+Training (healthy data only):
+
+1. the healthy training images are split into as many folds as there are synthetic tasks (by case, so slices of
+   one patient stay together), task ``k`` being tied to fold ``k``;
+2. for ``T = tasks.train_count`` there is one ensemble member per combination of ``n_tasks choose T`` training
+   tasks (``max_models`` / ``members`` choose a subset for small runs). A member trains on synthetic anomalies of
+   its training tasks applied to its training folds and is validated on synthetic anomalies of the held-out tasks
+   applied to the held-out folds (:mod:`.folds`). Early stopping and the kept checkpoint follow that synthetic
+   validation loss; no real anomaly is used anywhere;
+3. each member's synthetic validation scores (loss and pixel AP) are kept in the saved state, so that one can
+   check whether the synthetic validation score predicts the real test score.
+
+Prediction is the mean of the members' maps (``predict(..., member=i)`` gives one member's map).
+
+Synthesis is a pure function of ``(seed, member, step, slot)``, so training batches are identical with or without
+DataLoader workers and after a resume. Checkpoints go to ``work_dir/<member>/``; finished members are stored
+there as ``member.safetensors`` + ``member.json`` and are reused by a later ``fit`` with the same settings (this is
+how members trained in parallel processes, e.g. one per GPU with ``members=[i]``, are collected).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medanomaly.methods.base import AnomalyResult, Detector, atomic_write_bytes, atomic_write_text, register
+from medanomaly.methods.multitask.folds import Combination, assign_folds, select_combinations, task_combinations
+from medanomaly.methods.multitask.model import MultiTaskUNet
+
+__all__ = ["MultiTaskDetector"]
+
+TASK_NAMES = ["intra-blend", "inter-blend", "sink", "source", "smooth-intensity"]
+MEMBER_PREFIX = "members"
+
+
+@register
+class MultiTaskDetector(Detector):
+    """Ensemble of U-Nets trained on synthetic anomalies, cross-validated over synthetic tasks."""
+
+    name = "multitask"
+    spatial_dims_supported = (2, 3)
+    defaults: dict[str, Any] = {
+        "spatial_dims": None,  # set from the training data
+        "in_channels": None,  # set from the training data
+        "model": {
+            "depth": 5,
+            "base_filters": 32,
+            "max_filters": 320,
+            "act": "gelu",
+            "posenc": {"coords": True, "n_fourier": 32, "fourier_scale": 12.0, "seed": 42},
+        },
+        "tasks": {
+            "names": list(TASK_NAMES),
+            "train_count": 1,
+            "label_sigma": 0.2,  # flipped-Gaussian labeller
+            "params": {},  # per task name: extra keyword arguments of the synth task
+            "inter_source": "auto",  # external images for inter-blend: "auto" (synth default), a dataset name, or None
+        },
+        "max_models": None,  # cap on the number of members (spread over the combinations)
+        "members": None,  # explicit member indices to train (e.g. one per GPU process)
+        "fold_seed": 0,
+        "flip_prob": 0.5,  # random flip of the last axis (left-right) for training images
+        "loss": "mse",  # "mse" on sigmoid scores or "bce" on logits, against the soft labels
+        "train": {
+            "steps": 4000,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "warmup_steps": 100,
+            "schedule": "cosine",
+            "min_lr_ratio": 0.05,
+            "grad_clip": 1.0,
+            "val_every": 200,
+            "early_stopping_patience": 5,
+            "checkpoint_every": 200,
+            "device": "auto",
+            "amp": True,
+        },
+        "val_samples": 64,  # synthetic validation images per member (held-out tasks on held-out folds)
+        "num_workers": 0,  # DataLoader workers for synthesis
+        "predict": {
+            "batch_size": 8,
+            "roi_size": None,  # sliding-window size for large volumes (None: whole image)
+            "sw_batch_size": 1,
+            "overlap": 0.25,
+            "image_score": "topk",  # "max" | "mean" | "topk" (mean of the top fraction inside the foreground)
+            "topk_fraction": 0.01,
+            "mask_foreground": True,  # zero the map outside the foreground when one is given
+            "member_maps": False,  # also return every member's map in extras["member_maps"]
+        },
+        "seed": 0,
+    }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        _check_params(self.params)
+        self.models: list[MultiTaskUNet] = []
+        self.member_info: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ building blocks
+    def _build_model(self) -> MultiTaskUNet:
+        m = self.params["model"]
+        return MultiTaskUNet(
+            spatial_dims=int(self.params["spatial_dims"]), in_channels=int(self.params["in_channels"]),
+            depth=int(m["depth"]), base_filters=int(m["base_filters"]), max_filters=int(m["max_filters"]),
+            posenc=dict(m["posenc"]), act=str(m["act"]),
+        )
+
+    def combinations(self) -> list[Combination]:
+        """The members this configuration trains (after ``max_models`` / ``members``)."""
+        t = self.params["tasks"]
+        combos = task_combinations(len(t["names"]), int(t["train_count"]))
+        return select_combinations(combos, self.params["max_models"], self.params["members"])
+
+    def _config_hash(self) -> str:
+        """Hash of everything that determines a member's training (not prediction settings)."""
+        keep = {k: v for k, v in self.params.items() if k not in ("predict", "members", "max_models", "num_workers")}
+        keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("device", "checkpoint_every")}
+        return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train: Any, val: Any | None = None) -> MultiTaskDetector:
+        """Train every selected member on ``train`` (healthy images only; labels and masks are never read).
+
+        ``val`` is not needed: validation is synthetic, on held-out folds of ``train``. It is ignored.
+        """
+        from medanomaly.training.loop import TrainConfig, get_device, seed_everything, train_model
+
+        pool = _HealthyPool.from_dataset(train, quiet=self.quiet)
+        if self.params["spatial_dims"] is None:
+            self.params["spatial_dims"] = pool.spatial_dims
+        if self.params["in_channels"] is None:
+            self.params["in_channels"] = pool.channels
+        if int(self.params["spatial_dims"]) != pool.spatial_dims or int(self.params["in_channels"]) != pool.channels:
+            raise ValueError(
+                f"multitask: configured for {self.params['spatial_dims']}D / {self.params['in_channels']} channel(s) "
+                f"but the training data is {pool.spatial_dims}D / {pool.channels} channel(s)"
+            )
+        tp = self.params["tasks"]
+        n_tasks = len(tp["names"])
+        folds = assign_folds(pool.case_ids, n_tasks, seed=int(self.params["fold_seed"]))
+        synth = _SynthSpec(tp["names"], tp["params"], float(tp["label_sigma"]), _inter_source(tp["inter_source"], pool, "inter-blend" in tp["names"]))
+        tr = self.params["train"]
+        cfg_hash = self._config_hash()
+        self.models, self.member_info, self.train_log = [], [], []
+        for combo in self.combinations():
+            member_dir = Path(self.work_dir) / combo.name if self.work_dir is not None else None
+            done = _load_member(member_dir, cfg_hash) if (member_dir is not None and self.resume) else None
+            if done is not None:
+                weights, info, history = done
+                net = self._build_model()
+                net.import_state(weights)
+                self.models.append(net.eval())
+                self.member_info.append(info)
+                self.train_log.extend({**r, "member": combo.name} for r in history)
+                continue
+            train_idx = np.flatnonzero(np.isin(folds, combo.train_folds))
+            val_idx = np.flatnonzero(np.isin(folds, combo.val_folds))
+            seed = int(self.params["seed"])
+            seed_everything(seed * 1000 + combo.index)
+            net = self._build_model()
+            device = get_device(tr["device"])
+            stream = _SynthStream(pool, train_idx, combo.train_tasks, synth, seed=seed, member=combo.index,
+                                  batch_size=int(tr["batch_size"]), flip_prob=float(self.params["flip_prob"]))
+            batches = _BatchFeeder(stream, int(self.params["num_workers"]), int(tr["steps"]))
+            val_set = _make_val_set(pool, val_idx, combo.val_tasks, synth, int(self.params["val_samples"]), seed, combo.index)
+            loss_kind = self.params["loss"]
+
+            def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], _d: torch.device = device,
+                        _k: str = loss_kind) -> torch.Tensor:
+                x, y = batch[0].to(_d, non_blocking=True), batch[1].to(_d, non_blocking=True)
+                return _loss(model(x), y, _k)
+
+            def val_fn(model: nn.Module, _v: dict[str, torch.Tensor] = val_set, _d: torch.device = device,
+                       _k: str = loss_kind) -> float:
+                return _val_loss(model, _v, _d, _k, int(self.params["predict"]["batch_size"]))
+
+            cfg = TrainConfig(
+                steps=int(tr["steps"]), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]),
+                warmup_steps=int(tr["warmup_steps"]), schedule=str(tr["schedule"]), min_lr_ratio=float(tr["min_lr_ratio"]),
+                grad_clip=tr["grad_clip"], checkpoint_every=int(tr["checkpoint_every"]) if member_dir is not None else 0,
+                val_every=int(tr["val_every"]), early_stopping_patience=int(tr["early_stopping_patience"]), val_mode="min",
+                seed=seed, device=str(tr["device"]), amp=bool(tr["amp"]), quiet=self.quiet,
+                desc=f"multitask {combo.name}",
+            )
+            t0 = time.perf_counter()
+            try:
+                result = train_model(net, loss_fn, batches, cfg, run_dir=member_dir, val_fn=val_fn, name="unet",
+                                     resume=self.resume)
+            finally:
+                batches.close()
+            seconds = time.perf_counter() - t0
+            net.eval()
+            val_ap = _val_ap(net, val_set, device, int(self.params["predict"]["batch_size"]))
+            steps_run = max(1, len([r for r in result.history if "step" in r]))
+            info = {
+                "name": combo.name, "index": combo.index, "train_tasks": list(combo.train_tasks),
+                "val_tasks": list(combo.val_tasks), "train_folds": list(combo.train_folds), "val_folds": list(combo.val_folds),
+                "train_task_names": [tp["names"][t] for t in combo.train_tasks],
+                "val_task_names": [tp["names"][t] for t in combo.val_tasks],
+                "n_train_images": int(len(train_idx)), "n_val_images": int(len(val_idx)),
+                "synthetic_val_loss": result.best_val, "synthetic_val_ap": val_ap, "best_step": result.best_step,
+                "steps_done": result.steps_done, "stopped_early": result.stopped_early,
+                "train_seconds_this_session": seconds, "data_wait_seconds": batches.wait_seconds,
+                "samples_per_s": batches.samples_served / seconds if seconds > 0 else None,
+                "history_steps": steps_run,
+            }
+            net.to("cpu")
+            self.models.append(net)
+            self.member_info.append(info)
+            self.train_log.extend({**r, "member": combo.name} for r in result.history)
+            if member_dir is not None:
+                _save_member(member_dir, net, info, result.history, cfg_hash)
+        self.is_fitted = True
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None, member: int | None = None) -> AnomalyResult:
+        """Mean map of the members (or of member ``member`` alone); image score from the map (``predict.image_score``)."""
+        self.check_input(images, foreground)
+        if int(images.shape[1]) != int(self.params["in_channels"]) or images.ndim - 2 != int(self.params["spatial_dims"]):
+            raise ValueError(
+                f"multitask: trained on {self.params['spatial_dims']}D images with {self.params['in_channels']} channel(s), "
+                f"got shape {tuple(images.shape)}"
+            )
+        if member is not None and not 0 <= member < len(self.models):
+            raise ValueError(f"multitask: member {member} out of range, the ensemble has {len(self.models)} members")
+        pp = self.params["predict"]
+        chosen = range(len(self.models)) if member is None else [member]
+        roi = tuple(pp["roi_size"]) if pp["roi_size"] else None
+        from medanomaly.training.loop import get_device
+
+        device = get_device(self.params["train"]["device"])
+        bs = max(1, int(pp["batch_size"]))
+        total = torch.zeros((images.shape[0], *images.shape[2:]), dtype=torch.float32)
+        members = [] if pp["member_maps"] else None
+        for m in chosen:
+            net = self.models[m].to(device).eval()
+            maps = []
+            for s in range(0, images.shape[0], bs):
+                x = images[s:s + bs].to(device=device, dtype=torch.float32)
+                maps.append(net.predict_scores(x, roi_size=roi, sw_batch_size=int(pp["sw_batch_size"]),
+                                               overlap=float(pp["overlap"]), progress=not self.quiet and roi is not None)[:, 0].float().cpu())
+            net.to("cpu")
+            mp = torch.cat(maps)
+            total += mp
+            if members is not None:
+                members.append(mp)
+        pixel = total / len(chosen)
+        fg = foreground[:, 0].bool().cpu() if foreground is not None else None
+        if fg is not None and pp["mask_foreground"]:
+            pixel = pixel * fg
+        extras: dict[str, Any] = {"n_members": len(chosen)}
+        if members is not None:
+            extras["member_maps"] = torch.stack(members)
+        return AnomalyResult(pixel, _image_scores(pixel, fg, pp["image_score"], float(pp["topk_fraction"])), extras)
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, net in enumerate(self.models):
+            for k, v in net.export_state().items():
+                out[f"{MEMBER_PREFIX}.{i}.{k}"] = v
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        per: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            prefix, idx, rest = k.split(".", 2)
+            if prefix != MEMBER_PREFIX:
+                raise ValueError(f"multitask: unexpected tensor '{k}' in the weights file")
+            per.setdefault(int(idx), {})[rest] = v
+        if not per:
+            raise ValueError("multitask: the weights file holds no member")
+        first = per[min(per)]
+        conv = next(v for k, v in first.items() if k.endswith(".weight") and v.ndim in (4, 5))
+        if self.params["spatial_dims"] is None:
+            self.params["spatial_dims"] = conv.ndim - 2
+        if self.params["in_channels"] is None:
+            self.params["in_channels"] = int(conv.shape[1]) - _posenc_channels(self.params)
+        self.models = []
+        for i in sorted(per):
+            net = self._build_model()
+            net.import_state(per[i])
+            self.models.append(net.eval())
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"members": self.member_info, "config_hash": self._config_hash()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.member_info = list(state.get("members", []))
+
+    def validation_table(self) -> list[dict[str, Any]]:
+        """Per member: its tasks and synthetic validation scores (for the synthetic-vs-real correlation)."""
+        return [dict(i) for i in self.member_info]
+
+
+def _posenc_channels(params: dict[str, Any]) -> int:
+    """Number of positional channels the configured encoding adds."""
+    pe = params["model"]["posenc"]
+    dims = int(params["spatial_dims"])
+    return (dims if pe.get("coords", True) else 0) + 2 * int(pe.get("n_fourier", 0))
+
+
+def _check_params(p: dict[str, Any]) -> None:
+    t = p["tasks"]
+    if not isinstance(t["names"], list | tuple) or len(t["names"]) < 2:
+        raise ValueError(f"multitask: tasks.names must list at least 2 synthetic tasks, got {t['names']!r}")
+    if not 1 <= int(t["train_count"]) < len(t["names"]):
+        raise ValueError(f"multitask: tasks.train_count must be in 1..{len(t['names']) - 1}, got {t['train_count']}")
+    if p["loss"] not in ("mse", "bce"):
+        raise ValueError(f"multitask: loss must be 'mse' or 'bce', got {p['loss']!r}")
+    if p["predict"]["image_score"] not in ("max", "mean", "topk"):
+        raise ValueError(f"multitask: predict.image_score must be max | mean | topk, got {p['predict']['image_score']!r}")
+    if int(p["train"]["batch_size"]) < 1 or int(p["train"]["steps"]) < 1:
+        raise ValueError("multitask: train.batch_size and train.steps must be >= 1")
+    if int(p["val_samples"]) < 1:
+        raise ValueError("multitask: val_samples must be >= 1")
+    if p["spatial_dims"] is not None and int(p["spatial_dims"]) not in (2, 3):
+        raise ValueError(f"multitask: spatial_dims must be 2 or 3, got {p['spatial_dims']}")
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    logits = logits.float()
+    if kind == "bce":
+        return nn.functional.binary_cross_entropy_with_logits(logits, target)
+    return nn.functional.mse_loss(torch.sigmoid(logits), target)
+
+
+def _val_loss(model: nn.Module, val: dict[str, torch.Tensor], device: torch.device, kind: str, bs: int) -> float:
+    total, n = 0.0, 0
+    for s in range(0, val["image"].shape[0], bs):
+        x, y = val["image"][s:s + bs].to(device), val["label"][s:s + bs].to(device)
+        total += float(_loss(model(x), y, kind)) * x.shape[0]
+        n += x.shape[0]
+    return total / max(n, 1)
+
+
+def _val_ap(model: MultiTaskUNet, val: dict[str, torch.Tensor], device: torch.device, bs: int) -> float | None:
+    """Pixel AP of the member on its synthetic validation set (foreground voxels; positives = synthetic mask)."""
+    from sklearn.metrics import average_precision_score
+
+    model.to(device).eval()
+    scores = []
+    with torch.no_grad():
+        for s in range(0, val["image"].shape[0], bs):
+            scores.append(model.predict_scores(val["image"][s:s + bs].to(device)).float().cpu())
+    sc = torch.cat(scores)[:, 0]
+    pos = val["mask"][:, 0]
+    fg = val["foreground"][:, 0] | pos
+    y, s = pos[fg].numpy(), sc[fg].numpy()
+    if y.size > 2_000_000:  # subsample evenly to keep this cheap on large 3D sets
+        step = int(math.ceil(y.size / 2_000_000))
+        y, s = y[::step], s[::step]
+    if not y.any() or y.all():
+        return None
+    return float(average_precision_score(y, s))
+
+
+def _image_scores(pixel: torch.Tensor, fg: torch.Tensor | None, how: str, frac: float) -> torch.Tensor:
+    flat = pixel.reshape(pixel.shape[0], -1)
+    out = torch.empty(pixel.shape[0])
+    for i in range(pixel.shape[0]):
+        v = flat[i][fg[i].reshape(-1)] if fg is not None and fg[i].any() else flat[i]
+        if how == "max":
+            out[i] = v.max()
+        elif how == "mean":
+            out[i] = v.mean()
+        else:
+            k = max(1, int(round(frac * v.numel())))
+            out[i] = torch.topk(v, k).values.mean()
+    return out
+
+
+# ====================================================================== synthesis
+class _HealthyPool:
+    """Healthy training images held in memory as numpy arrays (C, *S) with their foreground (*S)."""
+
+    def __init__(self, images: list[np.ndarray], foregrounds: list[np.ndarray], case_ids: list[str]) -> None:
+        if not images:
+            raise ValueError("multitask: the training set is empty")
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"multitask: training images must share one shape, got {sorted(shapes)[:4]}")
+        self.images, self.foregrounds, self.case_ids = images, foregrounds, case_ids
+        self.channels = int(images[0].shape[0])
+        self.spatial_dims = images[0].ndim - 1
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"multitask: images must be (C, H, W) or (C, D, H, W), got {images[0].shape}")
+
+    @classmethod
+    def from_dataset(cls, ds: Any, quiet: bool = True) -> _HealthyPool:
+        from tqdm.auto import tqdm
+
+        n = len(ds)
+        if n == 0:
+            raise ValueError("multitask: the training set is empty")
+        imgs, fgs, cases = [], [], []
+        for i in tqdm(range(n), desc="multitask: loading training images", disable=quiet or n < 64, leave=False):
+            s = ds[i]
+            im = s["image"].numpy() if isinstance(s["image"], torch.Tensor) else np.asarray(s["image"])
+            im = np.ascontiguousarray(im, dtype=np.float32)
+            if not np.isfinite(im).all():
+                raise ValueError(f"multitask: training image {i} ({s.get('case_id', '?')}) contains NaN or Inf")
+            fg = s.get("foreground")
+            fg = np.ones(im.shape[1:], bool) if fg is None else np.asarray(fg.numpy() if isinstance(fg, torch.Tensor) else fg)[0]
+            imgs.append(im)
+            fgs.append(fg.astype(bool))
+            cases.append(str(s.get("case_id", f"sample_{i}")))
+        return cls(imgs, fgs, cases)
+
+
+class _SynthSpec:
+    """The synthetic tasks by index, with their parameters and the labeller (picklable for workers)."""
+
+    def __init__(self, names: list[str], params: dict[str, Any], sigma: float, inter_source: list[np.ndarray] | None) -> None:
+        self.names, self.params, self.sigma, self.inter_source = list(names), dict(params or {}), sigma, inter_source
+
+    def apply(self, task: int, image: np.ndarray, fg: np.ndarray, rng: np.random.Generator,
+              pool: _HealthyPool, pool_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(anomalous image (C, *S), soft label (1, *S), mask (1, *S) bool) for task index ``task``."""
+        return _apply_synth_task(self, task, image, fg, rng, pool, pool_idx)
+
+
+def _apply_synth_task(spec: _SynthSpec, task: int, image: np.ndarray, fg: np.ndarray, rng: np.random.Generator,
+                      pool: _HealthyPool, pool_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from medanomaly import synth
+
+    name = spec.names[task]
+    fn = synth.get_task(name)
+    kw = dict(spec.params.get(name, {}))
+    if kw.get("labeller", "flipped-gaussian") == "flipped-gaussian" and not kw.get("labeller_params"):
+        kw["labeller_params"] = {"sigma": spec.sigma}
+    if name == "intra-blend" and "source_image" not in kw:
+        j = int(pool_idx[rng.integers(len(pool_idx))])  # another healthy image of the same folds
+        kw["source_image"], kw["source_foreground"] = pool.images[j], pool.foregrounds[j]
+    elif name == "inter-blend" and "source_image" not in kw:
+        if not spec.inter_source:
+            raise ValueError("multitask: the inter-blend task needs external images (tasks.inter_source)")
+        j = int(rng.integers(len(spec.inter_source)))
+        kw["source_image"] = spec.inter_source[j]
+    res = fn(image, fg, rng, channels=True, **kw)
+    img = np.asarray(res.image, dtype=np.float32).reshape(image.shape)
+    label = np.asarray(res.label, dtype=np.float32).reshape((1, *image.shape[1:]))
+    mask = np.asarray(res.mask, dtype=bool).reshape((1, *image.shape[1:]))
+    return img, label, mask
+
+
+#: default external data set for the inter-dataset blending task (a different modality and anatomy, as the paper's
+#: abdominal CT for brain MRI and ImageNet for chest X-rays)
+INTER_DEFAULT = "pneumoniamnist"
+INTER_MAX_IMAGES = {2: 512, 3: 24}
+
+
+def _inter_source(setting: Any, pool: _HealthyPool, needed: bool) -> list[np.ndarray] | None:
+    """External images for the inter-dataset blending task.
+
+    ``"auto"``: the normal training images of ``pneumoniamnist`` (chest X-rays; for 3D each is extruded into a
+    volume), or, when the shared data is not available, the contrast-inverted training images (with a warning);
+    ``"inverted"``: always the latter; any other string: a data set name for ``medanomaly.data.load_dataset``
+    (its ``train`` split). Images are rescaled by the task to the target's intensity range.
+    """
+    if not needed:
+        return None
+    dims = pool.spatial_dims
+    if setting in (None, "inverted"):
+        if setting is None:
+            raise ValueError("multitask: tasks.inter_source is null but the inter-blend task is used")
+        return _inverted(pool)
+    name = INTER_DEFAULT if setting == "auto" else str(setting)
+    try:
+        from medanomaly.data import load_dataset
+
+        ds = load_dataset(name, "train", normal_only=True)
+    except Exception as e:  # data folder missing or unreadable
+        if setting != "auto":
+            raise ValueError(f"multitask: cannot load tasks.inter_source={setting!r}: {e}") from e
+        warnings.warn(f"multitask: external data set '{name}' unavailable ({e}); inter-blend uses contrast-inverted "
+                      "training images instead", stacklevel=3)
+        return _inverted(pool)
+    n = min(len(ds), INTER_MAX_IMAGES[dims])
+    idx = np.random.default_rng(12345).choice(len(ds), size=n, replace=False)
+    out = []
+    for i in sorted(idx.tolist()):
+        im = ds[int(i)]["image"].numpy().astype(np.float32)
+        im = im.mean(axis=0, keepdims=True) if im.shape[0] != pool.channels else im
+        if im.ndim - 1 < dims:  # 2D image for a 3D target: extrude along the first spatial axis
+            im = np.repeat(im[:, None], im.shape[-1], axis=1)
+        elif im.ndim - 1 > dims:
+            raise ValueError(f"multitask: tasks.inter_source={name!r} is {im.ndim - 1}D but the training data is {dims}D")
+        if im.shape[0] != pool.channels:
+            im = np.repeat(im, pool.channels, axis=0)
+        out.append(np.ascontiguousarray(im))
+    return out
+
+
+def _inverted(pool: _HealthyPool) -> list[np.ndarray]:
+    """Contrast-inverted training images (a stand-in 'other data set' when no external data is available)."""
+    step = max(1, len(pool.images) // INTER_MAX_IMAGES[pool.spatial_dims])
+    return [(im.max() + im.min() - im).astype(np.float32) for im in pool.images[::step]]
+
+
+class _SynthStream(torch.utils.data.Dataset):
+    """Item ``k`` = synthetic sample ``k % batch_size`` of training step ``k // batch_size``; pure in ``(seed, member, k)``."""
+
+    def __init__(self, pool: _HealthyPool, indices: np.ndarray, tasks: tuple[int, ...], spec: _SynthSpec, seed: int,
+                 member: int, batch_size: int, flip_prob: float) -> None:
+        if len(indices) == 0:
+            raise ValueError("multitask: a training fold group is empty (too few training images for the task folds)")
+        self.pool, self.indices, self.tasks, self.spec = pool, np.asarray(indices), tuple(tasks), spec
+        self.seed, self.member, self.batch_size, self.flip_prob = seed, member, batch_size, flip_prob
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(self.indices[rng.integers(len(self.indices))])
+        image, fg = self.pool.images[i], self.pool.foregrounds[i]
+        if self.flip_prob > 0 and rng.random() < self.flip_prob:
+            image, fg = np.ascontiguousarray(image[..., ::-1]), np.ascontiguousarray(fg[..., ::-1])
+        task = self.tasks[int(rng.integers(len(self.tasks)))]
+        img, label, _ = self.spec.apply(task, image, fg, rng, self.pool, self.indices)
+        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(label))
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step, slot = divmod(int(k), self.batch_size)
+        return self.sample(np.random.default_rng([self.seed, self.member, step, slot, 11]))
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self[step * self.batch_size + j] for j in range(self.batch_size)]
+        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+
+class _BatchFeeder:
+    """``batch_fn(step)`` for the training loop; with workers, a DataLoader over the stream's items in step order.
+
+    Each item is a pure function of its index, so the batches do not depend on the number of workers; a call with
+    an unexpected step (a resume) restarts the loader at that step.
+    """
+
+    def __init__(self, stream: _SynthStream, num_workers: int, steps: int) -> None:
+        self.stream, self.num_workers, self.steps = stream, max(0, num_workers), steps
+        self._it: Any = None
+        self._next_step = -1
+        self.wait_seconds = 0.0
+        self.samples_served = 0
+
+    def _start(self, step: int) -> None:
+        from torch.utils.data import DataLoader
+
+        self.close()
+        bs = self.stream.batch_size
+        sampler = range(step * bs, max(self.steps, step + 1) * bs)
+        loader = DataLoader(self.stream, batch_size=bs, sampler=sampler, num_workers=self.num_workers,
+                            persistent_workers=False, prefetch_factor=4, pin_memory=torch.cuda.is_available())
+        self._it = iter(loader)
+        self._next_step = step
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        if self.num_workers == 0:
+            out = self.stream.batch(step)
+        else:
+            if self._it is None or step != self._next_step:
+                self._start(step)
+            try:
+                out = next(self._it)
+            except StopIteration:
+                self._start(step)
+                out = next(self._it)
+            self._next_step = step + 1
+        self.wait_seconds += time.perf_counter() - t0
+        self.samples_served += out[0].shape[0]
+        return out
+
+    def close(self) -> None:
+        self._it = None
+
+
+def _make_val_set(pool: _HealthyPool, indices: np.ndarray, tasks: tuple[int, ...], spec: _SynthSpec, n: int, seed: int,
+                  member: int) -> dict[str, torch.Tensor]:
+    """A fixed synthetic validation set: held-out tasks applied to held-out-fold images (no flips)."""
+    if len(indices) == 0:
+        raise ValueError("multitask: a validation fold group is empty (too few training images for the task folds)")
+    imgs, labels, masks, fgs = [], [], [], []
+    for j in range(n):
+        rng = np.random.default_rng([seed, member, j, 23])
+        i = int(indices[j % len(indices)]) if n >= len(indices) else int(indices[rng.integers(len(indices))])
+        task = tasks[j % len(tasks)]
+        img, label, mask = spec.apply(task, pool.images[i], pool.foregrounds[i], rng, pool, indices)
+        imgs.append(torch.from_numpy(img))
+        labels.append(torch.from_numpy(label))
+        masks.append(torch.from_numpy(mask))
+        fgs.append(torch.from_numpy(pool.foregrounds[i][None].copy()))
+    return {"image": torch.stack(imgs), "label": torch.stack(labels), "mask": torch.stack(masks), "foreground": torch.stack(fgs)}
+
+
+# ====================================================================== finished members on disk
+def _save_member(member_dir: Path, net: MultiTaskUNet, info: dict[str, Any], history: list[dict[str, Any]], cfg_hash: str) -> None:
+    from safetensors.torch import save as st_save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.export_state().items()}
+    atomic_write_bytes(member_dir / "member.safetensors", st_save(tensors))
+    atomic_write_text(member_dir / "member.json", json.dumps({"config_hash": cfg_hash, "info": info, "history": history}))
+
+
+def _load_member(member_dir: Path, cfg_hash: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]] | None:
+    from safetensors.torch import load_file
+
+    meta, weights = member_dir / "member.json", member_dir / "member.safetensors"
+    if not (meta.exists() and weights.exists()):
+        return None
+    try:
+        d = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    if d.get("config_hash") != cfg_hash:
+        warnings.warn(f"multitask: {member_dir} was trained with other settings; training it again", stacklevel=3)
+        return None
+    return load_file(str(weights)), d["info"], d.get("history", [])

@@ -1,0 +1,59 @@
+"""MVTM + Token Critic baseline (Lezama et al.) for anomaly detection: the critic, trained to tell MVTM-sampled
+tokens from original ones, selects the tokens to re-sample in place of MIM-OOD's ATD."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from medanomaly.methods.base import register
+from medanomaly.methods.mim_ood.common import (
+    TokenRestorationDetector,
+    critic_corruption,
+    derive_defaults,
+    train_mvtm,
+    train_token_classifier,
+)
+from medanomaly.nets.tokens import MaskBank, TokenTransformer, mim_restore, mvtm_token_nll
+
+__all__ = ["TokenCritic"]
+
+
+@register
+class TokenCritic(TokenRestorationDetector):
+    """MVTM + Token Critic. Token scores: the critic's probability that a token was sampled (not original);
+    with ``restoration.extra_token_scores`` also ``token_scores_mvtm``. ``reuse.modules`` may name ``mvtm``."""
+
+    name: ClassVar[str] = "token-critic"
+    defaults: ClassVar[dict[str, Any]] = derive_defaults()
+    latent_modules: ClassVar[tuple[str, ...]] = ("critic", "mvtm")
+
+    def _build_latent(self) -> dict[str, TokenTransformer]:
+        k = int(self.params["tokenizer"]["num_embeddings"])
+        return {"critic": self._transformer(1), "mvtm": self._transformer(k)}
+
+    def _fit_latent(self, tokens: torch.Tensor, val_tokens: torch.Tensor | None, reused: set[str]) -> None:
+        kw, mp = self._train_kw(), self.params["masks"]
+        rng = np.random.default_rng([int(self.params["seed"]), 7])
+        bank = MaskBank(self.token_shape, int(mp["bank_size"]), rng, "cosine")
+        if "mvtm" not in reused:
+            self.train_log += train_mvtm(self.nets["mvtm"], tokens, val_tokens, bank, self.params["transformer_train"], **kw)
+        mvtm = self.nets["mvtm"].to(self.device).eval()
+        if "critic" not in reused:
+            corrupt = critic_corruption(bank, mvtm, float(self.params["restoration"]["temperature"]),
+                                        self.logit_bias(self.device))
+            self.train_log += train_token_classifier(self.nets["critic"], tokens, val_tokens, corrupt,
+                                                     self.params["transformer_train"], name="critic", **kw)
+
+    def _token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.nets["critic"](tokens).squeeze(-1).float())
+
+    def _restore(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rp = self.params["restoration"]
+        return mim_restore(tokens, self._token_scores, self.nets["mvtm"], self.threshold, int(rp["T"]), int(rp["R"]),
+                           float(rp["temperature"]), generator, self.logit_bias(tokens.device))
+
+    def _extra_token_scores(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"token_scores_mvtm": mvtm_token_nll(self.nets["mvtm"], tokens, self.token_shape)}

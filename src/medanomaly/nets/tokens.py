@@ -1,0 +1,347 @@
+"""Token models for two-stage (tokenizer + latent transformer) anomaly detection (MIM-OOD and its baselines).
+
+- :class:`VQTokenizer`: a thin wrapper around MONAI's ``VQVAE`` that turns images into integer token grids
+  and back (2D or 3D), with the downsampling factor ``f`` derived from the number of encoder levels.
+- :class:`TokenTransformer`: a bidirectional or causal transformer over a flattened token grid, built from
+  MONAI ``TransformerBlock`` layers. MONAI's block has no stochastic depth, so it is added here at the level
+  of whole blocks (a block is skipped per sample with probability ``p``, the residual update is rescaled by
+  ``1/(1-p)`` otherwise), which is the original form of stochastic depth (Huang et al., 2016).
+- :func:`brush_masks`: random-walk brush masks on the token grid with a target coverage, and
+  :class:`MaskBank`, a pre-generated bank of them for fast, seed-deterministic training batches.
+- Restoration procedures: :func:`mim_restore` (MIM-OOD: detector-selected tokens resampled by the MVTM, T
+  iterations, R restorations as one batch), :func:`ar_restore` (raster-order AR resampling of tokens whose NLL
+  exceeds a threshold), :func:`ar_token_nll` and :func:`mvtm_token_nll` (token-level scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "VQTokenizer",
+    "TokenTransformer",
+    "MaskBank",
+    "brush_masks",
+    "gumbel_sample",
+    "mim_restore",
+    "ar_restore",
+    "ar_token_nll",
+    "mvtm_token_nll",
+]
+
+
+class VQTokenizer(nn.Module):
+    """Images (B, C, *S) <-> token grids (B, *S/f) through MONAI's ``VQVAE`` (EMA codebook).
+
+    ``channels`` has one entry per downsampling level (stride 2 each), so ``factor = 2 ** len(channels)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        num_embeddings: int = 256,
+        embedding_dim: int = 256,
+        channels: Sequence[int] = (64, 128, 256),
+        num_res_layers: int = 2,
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import VQVAE
+
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"VQTokenizer: spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(channels) < 1:
+            raise ValueError("VQTokenizer: channels needs at least one level")
+        n = len(channels)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_embeddings = num_embeddings
+        self.factor = 2**n
+        self.vqvae = VQVAE(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            channels=tuple(channels),
+            num_res_layers=num_res_layers,
+            num_res_channels=tuple(channels),
+            downsample_parameters=((2, 4, 1, 1),) * n,
+            upsample_parameters=((2, 4, 1, 1, 0),) * n,
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+            commitment_cost=commitment_cost,
+            decay=decay,
+            ddp_sync=False,
+        )
+
+    def token_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        bad = [s for s in spatial if s % self.factor]
+        if bad:
+            raise ValueError(f"VQTokenizer: image size {tuple(spatial)} must be divisible by the factor f={self.factor}")
+        return tuple(s // self.factor for s in spatial)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and quantisation (commitment) loss. In training mode, dead codebook entries are
+        restarted (see :meth:`restart_dead_codes`)."""
+        z = self.vqvae.encode(images)
+        q, qloss = self.vqvae.quantize(z)
+        if self.training:
+            self.restart_dead_codes(z)
+        return self.vqvae.decode(q), qloss
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z: torch.Tensor, min_usage: float = 0.01) -> int:
+        """Move codebook entries whose EMA usage fell below ``min_usage`` onto random encoder outputs of ``z``.
+
+        MONAI's EMA quantiser divides the running sums by a Laplace-smoothed usage, so an entry never picked
+        grows without bound after the first update and is never picked again (codebook collapse; decoding it
+        gives garbage). Restarting such entries on current encoder outputs is the usual remedy."""
+        quant = self.vqvae.quantizer.quantizer
+        dead = (quant.ema_cluster_size < min_usage).nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        flat = z.detach().float().movedim(1, -1).reshape(-1, z.shape[1])
+        pick = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+        quant.embedding.weight.data[dead] = pick
+        quant.ema_w.data[dead] = pick
+        quant.ema_cluster_size.data[dead] = 1.0
+        return int(dead.numel())
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, *S/f) long token indices."""
+        self.token_shape(images.shape[2:])
+        return self.vqvae.index_quantize(images).long()
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, *S/f) token indices -> (B, C, *S) images."""
+        return self.vqvae.decode_samples(tokens.long())
+
+
+class TokenTransformer(nn.Module):
+    """Transformer over a flattened token sequence of length ``seq_len``.
+
+    Input ids are in ``[0, num_tokens]``: the extra id ``num_tokens`` is ``[MASK]`` for bidirectional models and
+    ``[BOS]`` for causal ones (see :attr:`special_id`). Output: (B, L, out_dim) logits.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        seq_len: int,
+        out_dim: int,
+        dim: int = 256,
+        depth: int = 12,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.1,
+        dropout: float = 0.0,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        from monai.networks.blocks import TransformerBlock
+
+        if dim % heads:
+            raise ValueError(f"TokenTransformer: dim {dim} is not divisible by heads {heads}")
+        self.num_tokens, self.seq_len, self.causal = num_tokens, seq_len, causal
+        self.special_id = num_tokens
+        self.embed = nn.Embedding(num_tokens + 1, dim)
+        self.pos = nn.Parameter(torch.zeros(1, seq_len, dim))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, int(dim * mlp_ratio), heads, dropout_rate=dropout, qkv_bias=True, causal=causal,
+                             sequence_length=seq_len if causal else None, use_flash_attention=True)
+            for _ in range(depth)
+        )
+        self.drop_rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out_dim)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        nn.init.trunc_normal_(self.embed.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.ndim != 2 or ids.shape[1] > self.seq_len:
+            raise ValueError(f"TokenTransformer: ids must be (B, L<={self.seq_len}), got {tuple(ids.shape)}")
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        for blk, p in zip(self.blocks, self.drop_rates, strict=True):
+            if self.training and p > 0:
+                keep = (torch.rand(x.shape[0], 1, 1, device=x.device) >= p).to(x.dtype) / (1 - p)
+                x = x + (blk(x) - x) * keep
+            else:
+                x = blk(x)
+        return self.head(self.norm(x))
+
+
+# -- brush masks on the token grid ------------------------------------------------------------------------
+
+
+def _one_brush(shape: tuple[int, ...], rng: np.random.Generator, coverage: float, max_width: float) -> np.ndarray:
+    """A random walk of a brush with randomly changing width until ``coverage`` of the grid is painted."""
+    nd = len(shape)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    out = np.zeros(shape, bool)
+    target = max(1, int(round(coverage * out.size)))
+    for _ in range(64):  # strokes
+        pos = rng.uniform(0, np.array(shape) - 1)
+        direction = rng.standard_normal(nd)
+        width = rng.uniform(0.5, max_width)
+        for _ in range(int(rng.integers(2, 4 * max(shape)))):
+            d2 = ((grid - pos) ** 2).sum(-1)
+            out |= d2 <= (width / 2) ** 2 + 0.25
+            if out.sum() >= target:
+                return out
+            direction = direction + 0.6 * rng.standard_normal(nd)
+            direction /= np.linalg.norm(direction) + 1e-8
+            pos = np.clip(pos + direction, 0, np.array(shape) - 1)
+            width = float(np.clip(width + rng.uniform(-0.5, 0.5), 0.5, max_width))
+    return out
+
+
+def brush_masks(shape: Sequence[int], n: int, rng: np.random.Generator, coverages: Sequence[float] | np.ndarray,
+                max_width: float | None = None) -> np.ndarray:
+    """``n`` brush random-walk masks (n, *shape) on a token grid, mask i painting about ``coverages[i]``.
+
+    Written here rather than taken from ``medanomaly.synth`` because token grids are tiny (8-20 cells a side)
+    and the training schedules need a controlled coverage per mask.
+    """
+    shape = tuple(int(s) for s in shape)
+    max_width = max_width if max_width is not None else max(1.5, min(shape) / 3)
+    return np.stack([_one_brush(shape, rng, float(c), max_width) for c in np.asarray(coverages)[:n]])
+
+
+class MaskBank:
+    """A pre-generated bank of brush masks; ``draw`` picks masks and random flips, deterministic in ``rng``."""
+
+    def __init__(self, shape: Sequence[int], size: int, rng: np.random.Generator, schedule: str = "cosine",
+                 low: float = 0.02, high: float = 0.5) -> None:
+        u = rng.uniform(0, 1, size)
+        if schedule == "cosine":  # MaskGIT: ratio = cos(pi/2 * u), u ~ U(0, 1)
+            cov = np.clip(np.cos(0.5 * np.pi * u), 1.0 / np.prod(shape), 1.0)
+        elif schedule == "uniform":
+            cov = low + (high - low) * u
+        else:
+            raise ValueError(f"MaskBank: unknown schedule '{schedule}' (cosine | uniform)")
+        self.shape = tuple(int(s) for s in shape)
+        self.masks = brush_masks(self.shape, size, rng, cov)
+
+    def draw(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        """(n, prod(shape)) bool masks."""
+        m = self.masks[rng.integers(0, len(self.masks), n)]
+        for ax in range(1, m.ndim):
+            flip = rng.uniform(size=n) < 0.5
+            m = np.where(flip.reshape(-1, *([1] * (m.ndim - 1))), np.flip(m, ax), m)
+        return torch.from_numpy(np.ascontiguousarray(m).reshape(n, -1))
+
+
+# -- restoration ------------------------------------------------------------------------------------------
+
+
+def gumbel_sample(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample indices from ``softmax(logits / temperature)`` along the last dim (Gumbel-max trick)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    g = -torch.log(-torch.log(u.clamp_min(1e-10)).clamp_min(1e-10))
+    return (logits.float() / temperature + g).argmax(-1)
+
+
+@torch.no_grad()
+def mim_restore(
+    tokens: torch.Tensor,
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    mvtm: TokenTransformer,
+    threshold: float,
+    steps: int = 8,
+    restorations: int = 4,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    logit_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIM-OOD restoration of flattened tokens (B, N).
+
+    The R restorations of every image run as one (B*R, N) batch; each of the T iterations is one forward of the
+    detector (``score_fn``: tokens -> per-token anomaly probabilities) and one of the MVTM. Tokens scoring above
+    ``threshold`` are replaced by ``[MASK]`` and re-sampled from the MVTM; the others are kept. ``logit_bias`` (K,)
+    is added to the logits before sampling (e.g. ``-inf`` for codebook entries never seen in training).
+    Returns restored tokens (B, R, N) and the union over iterations of the resampled positions (B, R, N).
+    """
+    b, n = tokens.shape
+    y = tokens.repeat_interleave(restorations, 0)
+    union = torch.zeros_like(y, dtype=torch.bool)
+    for _ in range(steps):
+        m = score_fn(y) > threshold
+        if not m.any():
+            break
+        logits = mvtm(torch.where(m, torch.full_like(y, mvtm.special_id), y)).float()
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        y = torch.where(m, gumbel_sample(logits, temperature, generator), y)
+        union |= m
+    return y.view(b, restorations, n), union.view(b, restorations, n)
+
+
+@torch.no_grad()
+def ar_token_nll(ar: TokenTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, N) under a causal model in raster order (one forward)."""
+    bos = torch.full_like(tokens[:, :1], ar.special_id)
+    logp = ar(torch.cat([bos, tokens[:, :-1]], 1)).float().log_softmax(-1)
+    return -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def ar_restore(
+    tokens: torch.Tensor,
+    ar: TokenTransformer,
+    threshold: float,
+    restorations: int = 4,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    logit_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AR restoration (Naval Marimont & Tarroni, 2021) of flattened tokens (B, N).
+
+    Positions are visited in raster order; at position i the NLL of the current token given the (already
+    restored) prefix is computed and, when above ``threshold``, the token is replaced by a sample from the model.
+    The loop over positions is inherent to AR models; images and the R restorations are batched. Positions before
+    the first flagged one (in the whole batch) keep their tokens and are skipped exactly. ``logit_bias`` as in
+    :func:`mim_restore` (applied to sampling only, not to the NLL test).
+    Returns restored tokens (B, R, N) and the resampled positions (B, R, N).
+    """
+    b, n = tokens.shape
+    y = tokens.repeat_interleave(restorations, 0).clone()
+    resampled = torch.zeros_like(y, dtype=torch.bool)
+    flagged = ar_token_nll(ar, tokens) > threshold
+    if not flagged.any():
+        return y.view(b, restorations, n), resampled.view(b, restorations, n)
+    start = int(flagged.any(0).nonzero()[0])
+    bos = torch.full_like(y[:, :1], ar.special_id)
+    for i in range(start, n):
+        logits = ar(torch.cat([bos, y[:, :i]], 1))[:, -1].float()
+        nll = -logits.log_softmax(-1).gather(-1, y[:, i : i + 1]).squeeze(-1)
+        m = nll > threshold
+        if m.any():
+            if logit_bias is not None:
+                logits = logits + logit_bias
+            y[:, i] = torch.where(m, gumbel_sample(logits, temperature, generator), y[:, i])
+            resampled[:, i] = m
+    return y.view(b, restorations, n), resampled.view(b, restorations, n)
+
+
+@torch.no_grad()
+def mvtm_token_nll(mvtm: TokenTransformer, tokens: torch.Tensor, grid: Sequence[int], stride: int = 2) -> torch.Tensor:
+    """Per-token NLL (B, N) under the MVTM: tokens are masked in ``stride**d`` interleaved groups (one forward per
+    group, every token masked exactly once) and scored by ``-log p(y_i | visible tokens)``."""
+    b, n = tokens.shape
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s, device=tokens.device) for s in grid], indexing="ij"), -1)
+    group = (coords % stride).reshape(n, -1)
+    gid = sum(group[:, d] * stride**d for d in range(group.shape[1]))
+    out = torch.zeros(b, n, device=tokens.device)
+    for g in range(stride ** len(grid)):
+        m = (gid == g).unsqueeze(0).expand(b, n)
+        logp = mvtm(torch.where(m, torch.full_like(tokens, mvtm.special_id), tokens)).float().log_softmax(-1)
+        nll = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        out = torch.where(m, nll, out)
+    return out

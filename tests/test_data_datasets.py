@@ -1,0 +1,129 @@
+"""Datasets: manifests (CSV/JSON, 2D images and 3D volumes, slice/volume views) and the shared real data."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medanomaly.data import data_root, list_datasets, load_dataset, stack_dataset, write_manifest
+from medanomaly.data.dataset import SAMPLE_KEYS
+
+torch.set_num_threads(1)
+
+
+def _disc(size, rng, lesion):
+    g = np.stack(np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij"))
+    fg = (g**2).sum(0) < 0.6
+    img = fg * (120 + 20 * rng.standard_normal((size, size))).clip(1, 250)
+    m = np.zeros((size, size), bool)
+    if lesion:
+        m = ((g - 0.2) ** 2).sum(0) < 0.02
+        img[m] = 250
+    return img.astype(np.uint8), m
+
+
+def test_manifest_csv_2d(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    recs = []
+    for i in range(6):
+        img, m = _disc(40, rng, lesion=i >= 4)
+        Image.fromarray(img).save(tmp_path / "img" / f"c{i}.png")
+        Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "img" / f"c{i}_mask.png")
+        recs.append({"case_id": f"c{i}", "image": f"img/c{i}.png", "mask": f"img/c{i}_mask.png",
+                     "label": None if i == 5 else int(i >= 4), "split": "train" if i < 3 else "test"})
+    man = write_manifest(recs, tmp_path / "m.csv")
+    train = load_dataset(man, "train", size=32)
+    assert len(train) == 3 and train.spatial_dims == 2 and list(train.labels) == [0, 0, 0]
+    test = load_dataset(str(man), "test", size=32)
+    assert list(test.labels) == [0, 1, 1]  # c5 has no label: taken from its mask
+    b = stack_dataset(test)
+    assert set(SAMPLE_KEYS) <= set(b)
+    assert b["image"].shape == (3, 1, 32, 32) and b["mask"][1:].any() and not b["mask"][0].any()
+    assert b["image"][b["mask"]].mean() > 0.9  # the bright lesion sits under its mask
+    assert len(load_dataset(man, "test", normal_only=True)) == 1
+    assert len(load_dataset(man, "all", preset="cxr", size=16)) == 6
+    with pytest.raises(ValueError, match="splits present"):
+        load_dataset(man, "val")
+
+
+def test_manifest_json_3d_views(tmp_path):
+    rng = np.random.default_rng(1)
+    aff = np.diag([-1.5, -1.5, 3.0, 1.0])
+    recs = []
+    for i in range(2):
+        shape = (32, 32, 12)
+        g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+        fg = (g**2).sum(0) < 0.8
+        vol = (fg * (100 + 10 * rng.standard_normal(shape))).clip(0).astype(np.float32)
+        m = (((g - 0.2) ** 2).sum(0) < 0.05) if i == 1 else np.zeros(shape, bool)
+        vol[m] = 300
+        nib.save(nib.Nifti1Image(vol, aff), str(tmp_path / f"v{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(m.astype(np.uint8), aff), str(tmp_path / f"v{i}_seg.nii.gz"))
+        recs.append({"case_id": f"v{i}", "image": f"v{i}.nii.gz", "mask": f"v{i}_seg.nii.gz", "split": "test",
+                     "patient_id": f"p{i}"})
+    (tmp_path / "m.json").write_text(json.dumps(recs))
+    vols = load_dataset(tmp_path / "m.json", "test", size=(32, 32, 32), spacing=3.0)
+    assert vols.spatial_dims == 3 and list(vols.labels) == [0, 1]
+    b = stack_dataset(vols)
+    assert b["image"].shape == (2, 1, 32, 32, 32) and b["mask"][1].sum() > 0
+    assert "".join(nib.aff2axcodes(vols.geometry(1)["affine"])) == "RAS"
+    sl = load_dataset(tmp_path / "m.json", "test", view="slices", size=24, min_fg_fraction=0.05)
+    s = sl[0]
+    assert s["image"].shape == (1, 24, 24) and s["slice_index"] >= 0
+    assert sl.labels.sum() > 0 and set(sl.case_ids) == {"v0", "v1"}
+    normal = load_dataset(tmp_path / "m.json", "test", view="slices", size=24, normal_only=True)
+    assert all(not normal[i]["mask"].any() for i in range(len(normal)))
+
+
+def test_list_datasets():
+    assert set(list_datasets()) == {"lgg-flair-2d", "brats2018-3d", "ixi-t1-3d", "pneumoniamnist"}
+
+
+# --------------------------------------------------------------------------------------------- real data (skips)
+ROOT = data_root(required=False)
+real = pytest.mark.skipif(ROOT is None or not (ROOT / "brain_lgg_flair_2d").is_dir(), reason="shared data absent")
+
+
+@real
+@pytest.mark.realdata
+def test_lgg_two_patients():
+    ds = load_dataset("lgg-flair-2d", "train", max_cases=2, size=64)
+    pids = json.loads((ROOT / "brain_lgg_flair_2d" / "splits.json").read_text())["train"][:2]
+    assert set(ds.case_ids) == set(pids)
+    z = {p: np.load(ROOT / "brain_lgg_flair_2d" / "volumes" / f"{p}.npz") for p in pids}
+    total = sum(len(v["slice_number"]) for v in z.values())
+    assert len(ds) + ds.n_dropped == total
+    for i in range(0, len(ds), 3):
+        s = ds[i]
+        v = z[s["case_id"]]
+        k = int(np.flatnonzero(v["slice_number"] == s["slice_index"])[0])
+        assert s["label"] == int(v["mask"][k].any())
+        assert s["image"].shape == (1, 64, 64) and 0 <= s["image"].min() and s["image"].max() <= 1
+        assert s["foreground"].float().mean() >= 0.10
+    normal = load_dataset("lgg-flair-2d", "train", max_cases=2, size=64, normal_only=True)
+    assert len(normal) == int((ds.labels == 0).sum()) and not stack_dataset(normal)["mask"].any()
+
+
+@real
+@pytest.mark.realdata
+def test_pneumoniamnist_and_3d_views():
+    ds = load_dataset("pneumoniamnist", "test", max_cases=30)
+    b = stack_dataset(ds)
+    assert b["image"].shape == (30, 1, 64, 64) and b["image"].min() >= -1 and b["image"].max() <= 1
+    assert set(ds.labels.tolist()) <= {0, 1}
+    assert (load_dataset("pneumoniamnist", "train", max_cases=10).labels == 0).all()
+    # IXI (2 mm PSR) and BraTS (1 mm LPS) end up in the same grid
+    br = load_dataset("brats2018-3d", "test", max_cases=1)
+    ix = load_dataset("ixi-t1-3d", "val", max_cases=1)
+    sb, si = br[0], ix[0]
+    assert sb["image"].shape == si["image"].shape == (1, 96, 128, 128)
+    for g in (br.geometry(0), ix.geometry(0)):
+        assert "".join(nib.aff2axcodes(g["affine"])) == "RAS"
+        np.testing.assert_allclose(np.sqrt((g["affine"][:3, :3] ** 2).sum(0)), [2, 2, 2], atol=1e-4)
+    assert sb["label"] == 1 and sb["mask"].any() and si["label"] == 0 and si["has_mask"]
