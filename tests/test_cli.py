@@ -286,3 +286,10 @@ def test_demo_without_data_says_where_it_looked(tmp_path: Path) -> None:
     msg = _one_line_error(res)
     assert str(empty) in msg and "MEDANOMALY_DATA" in msg
     assert not (tmp_path / "demo").exists()
+
+
+def test_synth_writes_grids(tmp_path: Path) -> None:
+    res = invoke("synth", "cutpaste", "--data", "toy", "--out", tmp_path / "s", "-n", "2", "--quiet")
+    assert (tmp_path / "s" / "cutpaste_toy.png").is_file() and "cutpaste_toy.png" in res.output
+    msg = _one_line_error(invoke("synth", "nosuchtask", "--data", "toy", "--out", tmp_path / "s", ok=False))
+    assert "nosuchtask" in msg

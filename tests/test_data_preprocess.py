@@ -9,7 +9,15 @@ import torch
 
 from medanomaly.data import Loaded, get_preset, list_presets
 from medanomaly.data.io import DataError
-from medanomaly.data.preprocess import crop_or_pad, equalize_histogram, fit_2d, foreground_mask, reorient, resample
+from medanomaly.data.preprocess import (
+    crop_or_pad,
+    equalize_histogram,
+    fit_2d,
+    foreground_mask,
+    reorient,
+    resample,
+    unfit_2d,
+)
 
 torch.set_num_threads(1)
 
@@ -74,6 +82,9 @@ def test_brain2d_aspect_and_padding():
     assert not out.foreground[0, :9].any() and not out.foreground[0, 31:].any()  # padded rows (10 top, 10 bottom)
     a, geo = fit_2d(np.ones((1, 1, 50, 100), np.float32), 40)
     assert geo["resized"] == (20, 40) and geo["pad"] == (10, 0) and a.sum() == 20 * 40
+    # a map at 40 x 40 goes back onto the 50 x 100 input
+    back = unfit_2d(out.foreground[None].astype(np.float32), out.meta["geometry"], "nearest")[0, 0] > 0.5
+    assert back.shape == (50, 100) and (back == (img > 0)).mean() > 0.97
 
 
 def test_foreground_mask_fills_holes_and_drops_specks():
@@ -151,3 +162,15 @@ def test_cxr_window_equalise_range():
     assert abs(e.mean() - 0.5) < 0.01 and e.min() == 0 and e.max() == 1
     u8 = rng.integers(0, 256, (28, 28)).astype(np.uint8)
     assert get_preset("cxr", size=64)(u8).image.shape == (1, 64, 64)
+
+
+def test_fill_holes_matches_scipy():
+    from scipy import ndimage as ndi
+
+    from medanomaly.data.preprocess import _fill_holes
+
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        a = ndi.binary_opening(rng.uniform(size=(4, 20, 21)) < 0.55)
+        np.testing.assert_array_equal(_fill_holes(a, 0), np.stack([ndi.binary_fill_holes(x) for x in a]))
+        np.testing.assert_array_equal(_fill_holes(a), ndi.binary_fill_holes(a))

@@ -19,6 +19,11 @@ def assert_within_bounds(exact: dict, stream: dict) -> None:
         assert lo - 1e-12 <= stream[k] <= hi + 1e-12, (k, lo, stream[k], hi)
 
 
+def pooled_dice(s: np.ndarray, m: np.ndarray, threshold: float) -> float:
+    pred = s >= threshold
+    return 2 * (pred & m).sum() / (pred.sum() + m.sum())
+
+
 def run_stream(s, m, fg=None, bins=64, rng=(0.0, 1.0), chunks=3, case_ids=None) -> dict:
     acc = StreamingPixelMetrics(bins=bins, range=rng)
     for idx in np.array_split(np.arange(len(s)), chunks):
@@ -41,6 +46,7 @@ def test_bounds_contain_exact_random(seed: int, bins: int) -> None:
     stream = run_stream(s, m, fg, bins=bins)
     assert_within_bounds(exact, stream)
     assert stream["n_voxels"] == exact["n_voxels"] and stream["n_positive"] == exact["n_positive"]
+    assert stream["best_dice"] == pytest.approx(pooled_dice(s[fg], m[fg], stream["best_threshold"]), abs=1e-12)
 
 
 def test_estimate_is_exact_at_bin_edges_and_per_case_dice_exact() -> None:
@@ -53,7 +59,26 @@ def test_estimate_is_exact_at_bin_edges_and_per_case_dice_exact() -> None:
     stream = run_stream(s, m, bins=bins)
     for k in (*KEYS, "best_threshold", "dice_per_case_mean", "dice_per_case_std", "n_cases_dice"):
         assert stream[k] == pytest.approx(exact[k], abs=1e-12), k
-    assert stream["best_dice_bounds"][0] == pytest.approx(exact["best_dice"])
+    for k in KEYS:  # every bin holds one distinct score: a true tie, no uncertainty left
+        assert stream[f"{k}_bounds"] == pytest.approx([exact[k], exact[k]], abs=1e-12), k
+
+
+def test_scores_clipped_to_range_ends_are_exact_ties() -> None:
+    """Maps clipped to [0, 1] put many voxels exactly on 0 and 1: those get their own tied bins."""
+    rng = np.random.default_rng(6)
+    s = np.clip(rng.normal(0.5, 0.5, (4, 16, 16)), 0.0, 1.0)
+    m = rng.random(s.shape) < 0.1 + 0.5 * (s >= 1.0)
+    assert (s == 1.0).mean() > 0.1 and (s == 0.0).mean() > 0.1
+    exact = pixel_metrics(s, m)
+    r = run_stream(s, m, bins=4096)
+    assert_within_bounds(exact, r)
+    assert r["n_out_of_range"] == 0
+    for k in KEYS:
+        assert r[f"{k}_bounds"][1] - r[f"{k}_bounds"][0] < 2e-3, k
+    one_bin = run_stream(s, m, bins=1)  # only the open interval (0, 1) is uncertain
+    assert_within_bounds(exact, one_bin)
+    for res in (r, one_bin):  # the DICE estimate is the exact pooled DICE of thresholding at best_threshold
+        assert res["best_dice"] == pytest.approx(pooled_dice(s, m, res["best_threshold"]), abs=1e-12)
 
 
 def test_per_case_dice_at_stream_threshold_and_case_ids() -> None:
@@ -98,6 +123,12 @@ def test_merge_equals_single_pass() -> None:
     b.update(s[2:], m[2:], case_ids=[2, 3])
     whole.update(s, m)
     assert a.merge(b).compute() == whole.compute()
+    # a bin tied within each part but holding different scores across parts is not a tie after merging
+    x, y = StreamingPixelMetrics(bins=1, per_case=False), StreamingPixelMetrics(bins=1, per_case=False)
+    x.update(np.full((1, 2, 2), 0.3), m[:1, :2, :2] | True)
+    y.update(np.full((1, 2, 2), 0.6), ~(m[:1, :2, :2] | True))
+    assert not x.mixed.any() and not y.mixed.any() and x.merge(y).mixed.sum() == 1
+    assert x.compute()["auroc_bounds"] == [0.0, 1.0]  # one bin: the order of 0.3 and 0.6 is unknown
     with pytest.raises(ValueError, match="same bins"):
         a.merge(StreamingPixelMetrics(bins=41))
 

@@ -182,14 +182,19 @@ def test_atd_learns_to_find_corrupted_tokens() -> None:
     inp, lab = corrupt(tokens, np.random.default_rng(0))
     assert torch.equal(inp != tokens, lab)  # exactly the masked tokens change
     atd = TokenTransformer(k, side * side, 1, dim=32, depth=2, heads=4, drop_path=0.0)
-    train_token_classifier(atd, tokens, None, corrupt, {"steps": 80, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0,
+    x, y = corrupt(tokens, np.random.default_rng(123))
+
+    def auroc() -> float:
+        with torch.no_grad():
+            return roc_auc_score(y.flatten().numpy(), torch.sigmoid(atd(x).squeeze(-1)).flatten().numpy())
+
+    before = auroc()
+    train_token_classifier(atd, tokens, None, corrupt, {"steps": 40, "batch_size": 16, "lr": 1e-2, "weight_decay": 0.0,
                                                         "warmup_steps": 0, "grad_clip": 1.0, "val_every": 0,
                                                         "checkpoint_every": 0},
                            seed=0, device="cpu", amp=False, run_dir=None, quiet=True, resume=False, name="atd")
-    x, y = corrupt(tokens, np.random.default_rng(123))
-    with torch.no_grad():
-        s = torch.sigmoid(atd(x).squeeze(-1))
-    assert roc_auc_score(y.flatten().numpy(), s.flatten().numpy()) > 0.8
+    after = auroc()
+    assert after > 0.7 and after > before + 0.15
 
 
 # -- detectors -------------------------------------------------------------------------------------------

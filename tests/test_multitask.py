@@ -73,15 +73,19 @@ def test_unet_any_size_and_windowed_prediction(shape):
 
 
 def test_unet_positions_matter():
-    """The same patch at two places gets different scores: the net sees positions."""
-    torch.manual_seed(0)
-    net = MultiTaskUNet(2, 1, depth=2, base_filters=4, posenc={"n_fourier": 2}).eval()
-    x = torch.zeros(1, 1, 16, 16)
-    out = net(x)[0, 0]
-    assert not torch.allclose(out, out[0, 0].expand_as(out))
-    plain = MultiTaskUNet(2, 1, depth=2, base_filters=4, posenc={"coords": False, "n_fourier": 0}).eval()
-    interior = plain(x)[0, 0, 4:12, 4:12]
-    assert torch.allclose(interior, interior[0, 0].expand_as(interior), atol=1e-5)
+    """A blob at two places: same response without positional channels (translation equivariance), not with them."""
+    a = torch.zeros(1, 1, 64, 64)
+    a[0, 0, 19:22, 19:22] = 1
+    b = torch.roll(a, shifts=(24, 24), dims=(2, 3))
+    diffs = []
+    for pe in ({"coords": False, "n_fourier": 0}, {"n_fourier": 2}):
+        torch.manual_seed(0)
+        net = MultiTaskUNet(2, 1, depth=3, base_filters=4, posenc=pe).eval()
+        with torch.no_grad():
+            diffs.append(float((net(a)[0, 0, 14:27, 14:27] - net(b)[0, 0, 38:51, 38:51]).abs().max()))
+    assert diffs[1] > 20 * diffs[0]
+    with pytest.raises(ValueError, match="depth"):
+        MultiTaskUNet(2, 1, depth=2)
 
 
 def test_unet_state_round_trip_without_aliases():
@@ -259,4 +263,4 @@ def test_fit_3d_and_bad_input():
     with pytest.raises(ValueError, match="2D images|3D images|spatial dims"):
         det.predict(torch.rand(1, 1, 16, 16))
     with pytest.raises(ValueError, match="at least 3"):
-        _tiny(**{"tasks.names": ["sink", "source", "smooth-intensity"]}).fit(make_toy_dataset(2, 16, 2))
+        _tiny(**{"tasks.names": ["sink", "source", "smooth-intensity"], "tasks.train_count": 1}).fit(make_toy_dataset(2, 16, 2))

@@ -15,9 +15,9 @@ from medanomaly.synth.poisson import blend_box, poisson_blend, poisson_blend_tor
 torch.set_num_threads(1)
 
 
-def sparse_reference(t: np.ndarray, s: np.ndarray, m: np.ndarray, mix: bool = False) -> np.ndarray:
+def sparse_reference(t: np.ndarray, s: np.ndarray, m: np.ndarray, mix: bool = False, box_mode: str = "fast") -> np.ndarray:
     """Assemble the system voxel by voxel (independent of the DST code) and solve it with spsolve."""
-    box = blend_box(m)
+    box = blend_box(m, box_mode)
     pts = list(itertools.product(*[range(b.start, b.stop) for b in box]))
     index = {p: k for k, p in enumerate(pts)}
     a = sp.lil_matrix((len(pts), len(pts)))
@@ -45,13 +45,14 @@ def sparse_reference(t: np.ndarray, s: np.ndarray, m: np.ndarray, mix: bool = Fa
     return out
 
 
-CASES = [((13, 11), 0), ((9, 16), 1), ((7, 8, 9), 2), ((6, 7, 6), 3)]
+CASES = [((13, 11), 0), ((9, 16), 1), ((7, 8, 9), 2), ((6, 7, 6), 3), ((30, 28), 4)]
 
 
 @pytest.mark.parametrize("shape,seed", CASES)
 @pytest.mark.parametrize("mix", [False, True])
 @pytest.mark.parametrize("at_border", [False, True])
-def test_dst_equals_sparse_solve(shape: tuple[int, ...], seed: int, mix: bool, at_border: bool) -> None:
+@pytest.mark.parametrize("box_mode", ["fast", "tight"])
+def test_dst_equals_sparse_solve(shape: tuple[int, ...], seed: int, mix: bool, at_border: bool, box_mode: str) -> None:
     rng = np.random.default_rng(seed)
     t, s = rng.random(shape), rng.random(shape) * 2 - 0.5
     m = np.zeros(shape, bool)
@@ -60,13 +61,15 @@ def test_dst_equals_sparse_solve(shape: tuple[int, ...], seed: int, mix: bool, a
     m[sl] = rng.random((4,) * len(shape)) > 0.3
     m[tuple(a + 1 for a in start)] = True
     t0, s0, m0 = t.copy(), s.copy(), m.copy()
-    ref = sparse_reference(t, s, m, mix)
-    got = poisson_blend(t, s, m, mix_gradients=mix)
+    ref = sparse_reference(t, s, m, mix, box_mode)
+    got = poisson_blend(t, s, m, mix_gradients=mix, box=box_mode)
     assert np.abs(got - ref).max() < 1e-5
-    tt = poisson_blend_torch(torch.tensor(t)[None, None], torch.tensor(s)[None, None], torch.tensor(m)[None, None], mix)
+    tt = poisson_blend_torch(torch.tensor(t)[None, None], torch.tensor(s)[None, None], torch.tensor(m)[None, None], mix,
+                             box=box_mode)
     assert np.abs(tt[0, 0].numpy() - ref).max() < 1e-5
     assert np.array_equal(t, t0) and np.array_equal(s, s0) and np.array_equal(m, m0)  # inputs untouched
-    box = blend_box(m)
+    box = blend_box(m, box_mode)
+    assert box is not None and all(b.start >= 1 and b.stop <= n - 1 for b, n in zip(box, shape, strict=True))
     outside = np.ones(shape, bool)
     outside[box] = False
     assert np.array_equal(got[outside], t[outside])  # nothing changes outside the solved box (no wrap-around)
@@ -117,3 +120,18 @@ def test_bad_inputs_raise_clearly() -> None:
     bad[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         poisson_blend(bad, t, np.ones((8, 8), bool))
+    with pytest.raises(ValueError, match="box"):
+        poisson_blend(t, t, np.ones((8, 8), bool), box="loose")
+
+
+def test_fast_box_sizes() -> None:
+    m = np.zeros((100, 100), bool)
+    m[10:70, 20:65] = True  # 60 x 45: awkward DST sizes
+    tight, fast = blend_box(m, "tight"), blend_box(m, "fast")
+    assert [b.stop - b.start for b in tight] == [60, 45]
+    assert [b.stop - b.start + 1 for b in fast] == [64, 48]  # n + 1 is 5-smooth
+    assert all(f.start <= t.start and f.stop >= t.stop for f, t in zip(fast, tight, strict=True))
+    m2 = np.zeros((12, 12), bool)
+    m2[0:10, 3:5] = True  # touching the border: the box stays inside [1, n-2]
+    fb = blend_box(m2, "fast")
+    assert fb[0].start >= 1 and fb[0].stop <= 11

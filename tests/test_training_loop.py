@@ -92,7 +92,7 @@ def test_early_stopping_keeps_best_weights() -> None:
 
     model = _model()
     res = train_model(model, _loss, _batch, _cfg(steps=100, val_every=2, early_stopping_patience=3), val_fn=val_fn)
-    assert res.stopped_early and res.steps_done == 8  # validations at 2, 4 (best), 6, 8 -> 3 without improvement
+    assert res.stopped_early and res.steps_done == 10  # validations at 2, 4 (best), then 6, 8, 10 without improvement
     assert res.best_step == 4 and res.best_val == 3.0
     assert all(torch.equal(model.state_dict()[k], snaps[1][k]) for k in snaps[1])  # best weights restored
 
@@ -188,13 +188,12 @@ def test_sigkill_midway_then_resume_matches_uninterrupted(tmp_path: Path) -> Non
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDANOMALY_QUIET": "1"}
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "model.pt"
-    proc = subprocess.Popen([sys.executable, str(script), str(run), str(tmp_path / "killed.st"), "0.1"], env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(tmp_path / "killed.st"), "0.2"], env=env)
     # meanwhile: the uninterrupted reference run
-    subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), str(tmp_path / "ref.st"), "0"], env=env, check=True,
-                   timeout=120)
+    ref = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ref"), str(tmp_path / "ref.st"), "0"], env=env)
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+        time.sleep(0.005)
     assert ckpt.exists(), "no checkpoint appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -202,6 +201,7 @@ def test_sigkill_midway_then_resume_matches_uninterrupted(tmp_path: Path) -> Non
     assert not (tmp_path / "killed.st").exists(), "the run finished before it was killed"
     killed_at = load_checkpoint(ckpt)["step"]
     assert 0 < killed_at < 40
+    assert ref.wait(timeout=120) == 0
     subprocess.run([sys.executable, str(script), str(run), str(tmp_path / "resumed.st"), "0"], env=env, check=True, timeout=120)
     from safetensors.torch import load_file
 

@@ -167,6 +167,7 @@ def benchmark(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (runs/, eval/, comparison.*).")] = Path("benchmark"),
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
     seed: Annotated[int | None, typer.Option(help="Random seed for every method.")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size for the preset (default: the dataset's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when finished runs exist.")] = False,
     quiet: QuietOpt = False,
@@ -177,14 +178,14 @@ def benchmark(
 
     Examples:
 
-        medanomaly benchmark --methods intensity,autoencoder --data lgg-flair-2d
+        medanomaly benchmark --methods intensity,autoencoder --data lgg-flair-2d --size 64
 
         medanomaly benchmark -m intensity,autoencoder -d lgg-flair-2d --config-set paper --out bench-paper
     """
     from medanomaly import pipeline
 
     with _errors():
-        rows = pipeline.run_benchmark(methods.split(","), data, out, config_set=config_set, split=split, seed=seed,
+        rows = pipeline.run_benchmark(methods.split(","), data, out, config_set=config_set, split=split, seed=seed, size=size,
                                       batch_size=batch_size, force=force, quiet=quiet)
         for r in rows:
             typer.echo("  ".join(f"{k}={_fmt(r.get(k))}" for k in ("method", "pixel_ap", "best_dice", "sample_auroc",
@@ -246,22 +247,29 @@ def list_(
 
 @app.command()
 def synth(
-    task: Annotated[str, typer.Argument(help="Synthetic-anomaly task (see `medanomaly list`).")],
-    data: Annotated[str, typer.Option("--data", "-d", help="Dataset name or manifest (healthy images).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    n: Annotated[int, typer.Option("-n", help="Number of examples.")] = 16,
+    task: Annotated[str, typer.Argument(help="Task name, comma-separated names, or 'all' (see `medanomaly list`).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Dataset name, manifest, or toy / toy-3d.")] = "lgg-flair-2d",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the grids.")] = Path("synth_grids"),
+    n: Annotated[int, typer.Option("-n", help="Images per grid.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    source: Annotated[str | None, typer.Option(help="Patch source dataset for inter-blend.")] = None,
+    max_cases: Annotated[int, typer.Option("--max-cases", help="Patients/cases to read.")] = 4,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Make synthetic anomalies from healthy images (for inspection and for self-supervised methods).
+    """Make synthetic anomalies from healthy images and save before/after/label grids as PNG.
 
     Examples:
 
-        medanomaly synth poisson_intra --data lgg-flair-2d --out synth/ -n 8
+        medanomaly synth cutpaste --data toy --out synth/ -n 4
+
+        medanomaly synth all --data lgg-flair-2d --out synth/
     """
     with _errors():
         from medanomaly.synth.cli import run_synth_cli
 
-        run_synth_cli(task, data, out, n, seed)
+        paths = run_synth_cli(task, data=data, out=out, n=n, seed=seed, source=source, max_cases=max_cases, quiet=quiet)
+        for pth in paths:
+            typer.echo(str(pth))
 
 
 if __name__ == "__main__":  # pragma: no cover

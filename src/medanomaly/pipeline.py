@@ -45,6 +45,7 @@ from medanomaly.methods.base import (
 __all__ = [
     "DEMO_CONFIG_SET",
     "DEMO_DATA",
+    "DEMO_DATA_OPTIONS",
     "DEMO_METHOD",
     "DEMO_OVERRIDES",
     "DataNotFoundError",
@@ -69,6 +70,8 @@ DEMO_DATA = "lgg-flair-2d"
 DEMO_CONFIG_SET = "cpu-small"
 #: parameter overrides on top of the demo's config set (dotted keys allowed)
 DEMO_OVERRIDES: dict[str, Any] = {}
+#: how the demo loads its data (``size``: image side for the preset; the cpu-small configs are sized for 64 px)
+DEMO_DATA_OPTIONS: dict[str, Any] = {"size": 64}
 
 REQUEST_FILE = "request.yaml"
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE, REQUEST_FILE)
@@ -524,12 +527,11 @@ def describe_device(det: Any = None) -> str:
     """The device predictions run on, in words (with the thread count on CPU)."""
     import torch
 
-    dev = None
-    if det is not None:
-        for attr in ("device",):
-            dev = getattr(det, attr, None) or (det.params.get(attr) if isinstance(getattr(det, "params", None), dict) else None)
     from medanomaly.training import get_device
 
+    dev = getattr(det, "device", None)
+    if dev is None and isinstance(getattr(det, "params", None), dict):
+        dev = det.params.get("device")
     d = get_device(str(dev) if dev is not None else None)
     if d.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(d)})"
@@ -729,6 +731,7 @@ def run_benchmark(
     split: str = "test",
     train_split: str = "train",
     seed: int | None = None,
+    size: Any = None,
     batch_size: int = 16,
     force: bool = False,
     quiet: bool = False,
@@ -765,6 +768,7 @@ def run_benchmark(
                 and (cfg.get("train") or {}).get("config_set") == config_set
                 and (cfg.get("data") or {}).get("name") == _data_name(data)
                 and (cfg.get("train") or {}).get("overrides", {}) == ((overrides or {}).get(m) or {})
+                and (size is None or (cfg.get("data") or {}).get("size") == size)
             )
             if not same:
                 raise PipelineError(
@@ -775,7 +779,7 @@ def run_benchmark(
         else:
             say(f"[{m}] training ...")
             train_run(m, data, run_dir, split=train_split, config_set=config_set, overrides=(overrides or {}).get(m),
-                      seed=seed, resume=True, force=force, quiet=quiet, echo=echo)
+                      seed=seed, size=size, resume=True, force=force, quiet=quiet, echo=echo)
         say(f"[{m}] evaluating on '{split}' ...")
         metrics = evaluate_run(run_dir, data, out / "eval" / m, split=split, batch_size=batch_size, force=True,
                                quiet=quiet, echo=echo)
@@ -844,7 +848,7 @@ def run_demo(
     else:
         ov = {**DEMO_OVERRIDES, **(overrides or {})}
         train_run(method, data, run_dir, config_set=config_set, overrides=ov or None, resume=True, force=force,
-                  quiet=quiet, echo=echo)
+                  quiet=quiet, echo=echo, size=DEMO_DATA_OPTIONS.get("size"), preset=DEMO_DATA_OPTIONS.get("preset"))
     metrics = evaluate_run(run_dir, data, out / "eval", split="test", force=True, quiet=quiet, echo=echo)
     metrics["total_seconds"] = time.perf_counter() - t0
     atomic_write_text(out / "eval" / "metrics.json", json.dumps(metrics, indent=1))

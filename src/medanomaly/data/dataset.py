@@ -66,6 +66,10 @@ class _Subset(ImageDataset):
     def get(self, i: int) -> dict[str, Any]:
         return self.base[self.indices[i]]
 
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.base.labels)[self.indices]
+
 
 class ArrayDataset(ImageDataset):
     """A dataset held in memory: images (N, C, *spatial), optional foreground/masks/labels/case ids."""
@@ -175,12 +179,13 @@ class _LRU:
 
 def _sample(image: np.ndarray, fg: np.ndarray, mask: np.ndarray | None, label: int, case_id: str, slice_index: int,
             has_mask: bool | None = None) -> dict[str, Any]:
-    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    # copies: a caller editing a sample in place must not change the cached volume
+    img = torch.from_numpy(np.array(image, dtype=np.float32, copy=True))
     shape = (1, *img.shape[1:])
-    m = torch.zeros(shape, dtype=torch.bool) if mask is None else torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
+    m = torch.zeros(shape, dtype=torch.bool) if mask is None else torch.from_numpy(np.array(mask, dtype=bool, copy=True))
     return {
         "image": img,
-        "foreground": torch.from_numpy(np.ascontiguousarray(fg, dtype=bool)),
+        "foreground": torch.from_numpy(np.array(fg, dtype=bool, copy=True)),
         "mask": m,
         "has_mask": bool(mask is not None) if has_mask is None else has_mask,
         "label": int(label),

@@ -259,7 +259,7 @@ def read_dicom(path: str | Path, *, window: bool = False) -> Loaded:
     meta["spacing_known"] = ps is not None
     if window and "window_center" in meta:
         arr = apply_window(arr, meta["window_center"], meta["window_width"])
-    affine = np.diag([row_sp, col_sp, 1.0, 1.0])
+    affine = np.diag([row_sp, col_sp, 1.0, 1.0]) if arr.ndim == 2 else np.diag([1.0, row_sp, col_sp, 1.0])
     return Loaded(arr, affine, (row_sp, col_sp) if arr.ndim == 2 else (1.0, row_sp, col_sp), meta)
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "foreground_mask",
     "normalise_intensity",
     "fit_2d",
+    "unfit_2d",
     "reorient",
     "resample",
     "crop_or_pad",
@@ -110,16 +111,37 @@ def foreground_mask(
         lab, n = ndi.label(fg)
         if n > 1:
             sizes = np.bincount(lab.ravel())[1:]
-            keep = np.flatnonzero(sizes >= min_component * sizes.max()) + 1
-            fg = np.isin(lab, keep)
+            table = np.concatenate([[False], sizes >= min_component * sizes.max()])
+            fg = table[lab]
     if fill_holes:
-        if slice_axis is None:
-            fg = ndi.binary_fill_holes(fg)
-        else:
-            fg = np.moveaxis(fg, slice_axis, 0)
-            fg = np.stack([ndi.binary_fill_holes(s) for s in fg])
-            fg = np.moveaxis(fg, 0, slice_axis)
+        fg = _fill_holes(fg, slice_axis)
     return fg
+
+
+def _fill_holes(fg: np.ndarray, slice_axis: int | None = None) -> np.ndarray:
+    """Fill background regions that do not touch the border (per 2D slice along ``slice_axis`` when given); a
+    labelling-based equivalent of ``scipy.ndimage.binary_fill_holes``, several times faster on slice stacks."""
+    bg = ~fg
+    if slice_axis is not None:
+        bg = np.moveaxis(bg, slice_axis, 0)
+        struct = np.zeros((3,) * bg.ndim, bool)
+        struct[1] = ndi.generate_binary_structure(bg.ndim - 1, 1)  # no connection across slices
+        axes = range(1, bg.ndim)
+    else:
+        struct = ndi.generate_binary_structure(bg.ndim, 1)
+        axes = range(bg.ndim)
+    lab, n = ndi.label(bg, structure=struct)
+    if n == 0:
+        return fg
+    border = np.zeros(n + 1, bool)
+    for ax in axes:
+        border[np.take(lab, 0, axis=ax).ravel()] = True
+        border[np.take(lab, -1, axis=ax).ravel()] = True
+    border[0] = True  # label 0 = foreground
+    filled = ~border[lab]
+    if slice_axis is not None:
+        filled = np.moveaxis(filled, 0, slice_axis)
+    return fg | filled
 
 
 def normalise_intensity(arr: np.ndarray, foreground: np.ndarray, clip_percentile: float = 98.0,
@@ -166,6 +188,14 @@ def fit_2d(x: np.ndarray, size: int, kind: str = "linear", keep_aspect: bool = T
     out = np.zeros((*x.shape[:-2], size, size), np.float32)
     out[..., top : top + nh, left : left + nw] = r
     return out, {"resized": (nh, nw), "pad": (top, left), "orig": (h, w)}
+
+
+def unfit_2d(x: np.ndarray, geometry: dict[str, Any], kind: str = "linear") -> np.ndarray:
+    """Undo :func:`fit_2d`: crop the padding and resize (N, C, size, size) maps back to the original (H, W)."""
+    nh, nw = geometry["resized"]
+    top, left = geometry["pad"]
+    crop = np.asarray(x, np.float32)[..., top : top + nh, left : left + nw]
+    return _interp(crop, tuple(geometry["orig"]), kind)
 
 
 def reorient(arr: np.ndarray, affine: np.ndarray, target: str = "RAS") -> tuple[np.ndarray, np.ndarray]:
@@ -272,9 +302,10 @@ def _check_mask(mask: Any, shape: tuple[int, ...], where: str) -> np.ndarray | N
     m = to_numpy(mask.array if isinstance(mask, Loaded) else mask)
     if m.shape != shape:
         raise DataError(f"{where}mask shape {m.shape} does not match image shape {shape}")
-    vals = np.unique(m)
-    if not set(vals.tolist()) <= {0, 1, 255}:
-        raise DataError(f"{where}mask is not binary (values {vals[:6].tolist()})")
+    if m.dtype != bool:
+        bad = (m != 0) & (m != 1) & (m != 255)
+        if bad.any():
+            raise DataError(f"{where}mask is not binary (values {np.unique(m)[:6].tolist()})")
     return m > 0
 
 
@@ -435,7 +466,9 @@ class ChestXRay(Preset):
         m_o = None
         if m is not None:
             m_o = fit_2d(m[None, None].astype(np.float32), int(p["size"]), "nearest", p["keep_aspect"])[0][0] > 0.5
-        return Preprocessed(img, fg, m_o, np.eye(4), {"preset": self.config, "windowed": windowed})
+        geo = {"resized": (int(p["size"]),) * 2, "pad": (0, 0), "orig": a.shape} if not p["keep_aspect"] else \
+            fit_2d(np.zeros((1, 1, *a.shape), np.float32), int(p["size"]))[1]
+        return Preprocessed(img, fg, m_o, np.eye(4), {"preset": self.config, "windowed": windowed, "geometry": geo})
 
 
 PRESETS: dict[str, type[Preset]] = {c.name: c for c in (BrainMRI2D, BrainMRI3D, ChestXRay)}

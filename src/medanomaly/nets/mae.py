@@ -195,25 +195,27 @@ class MAE(nn.Module):
                     generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
         """Reconstruction (B, C, *S) averaged over ``n_masks`` random maskings.
 
-        Each patch takes the mean of the predictions made while it was masked; a patch never masked in the
-        ``n_masks`` draws takes the mean of all its predictions.
+        The ``n_masks`` masks are drawn once and shared by every image, so an image's reconstruction depends only
+        on the generator's seed, never on the batch it comes in. Each patch takes the mean of the predictions
+        made while it was masked; a patch never masked in the ``n_masks`` draws takes the mean of all of them.
         """
         self._check(x)
+        masks = [self.random_masks(1, mask_ratio, generator, x.device) for _ in range(n_masks)]
         outs = []
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size]
-            acc_m = torch.zeros(xb.shape[0], self.n_patches, 1, device=x.device)
-            acc_all = torch.zeros_like(acc_m)
-            sum_m = sum_all = None
-            for _ in range(n_masks):
-                pred, mask = self(xb, mask_ratio, generator)
-                pred = pred.float()
-                m = mask.unsqueeze(-1)
-                sum_m = pred * m if sum_m is None else sum_m + pred * m
-                sum_all = pred if sum_all is None else sum_all + pred
-                acc_m += m
-                acc_all += 1.0
-            tok = torch.where(acc_m > 0, sum_m / acc_m.clamp_min(1.0), sum_all / acc_all)
+            b = xb.shape[0]
+            acc_m = torch.zeros(b, self.n_patches, 1, device=x.device)
+            sum_m = torch.zeros(b, self.n_patches, 1, device=x.device)
+            sum_all: torch.Tensor | float = 0.0
+            for keep, mask in masks:
+                keep_b = keep.expand(b, -1)
+                pred = self.decode(self.encode(xb, keep_b), keep_b).float()
+                m = mask.expand(b, -1).unsqueeze(-1)
+                sum_m = sum_m + pred * m
+                sum_all = sum_all + pred
+                acc_m = acc_m + m
+            tok = torch.where(acc_m > 0, sum_m / acc_m.clamp_min(1.0), sum_all / max(n_masks, 1))
             outs.append(unpatchify(tok, self.patch_size, self.img_size, self.in_channels))
         return torch.cat(outs)
 

@@ -244,7 +244,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: float = 1.0, generator: tor
     if temperature <= 0:
         return logits.argmax(-1)
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-    g = -torch.log(-torch.log(u.clamp_min(1e-10)).clamp_min(1e-10))
+    g = -torch.log((-torch.log(u.clamp_min(1e-10))).clamp_min(1e-10))
     return (logits.float() / temperature + g).argmax(-1)
 
 

@@ -16,6 +16,8 @@ __all__ = ["flipped_gaussian_label", "logistic_label", "binary_label", "get_labe
 def intensity_change(before: np.ndarray, after: np.ndarray, channels: bool) -> np.ndarray:
     """Per-voxel change; for multi-channel images (C, *S) the largest absolute change over channels, shape (1, *S)."""
     d = np.asarray(after, dtype=np.float32) - np.asarray(before, dtype=np.float32)
+    if channels and d.shape[0] == 1:
+        return d
     if channels:
         idx = np.abs(d).argmax(axis=0)[None]
         return np.take_along_axis(d, idx, axis=0)
@@ -26,9 +28,9 @@ def flipped_gaussian_label(d: np.ndarray, mask: np.ndarray, sigma: float = 0.2) 
     """MTMLW labeller ``y = 1 - exp(-d^2 / (2 sigma^2))``: exactly 0 where nothing changed, smooth (C1) near 0."""
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    d = np.asarray(d, dtype=np.float64)
-    y = -np.expm1(-(d * d) / (2.0 * sigma * sigma))
-    return (y * np.asarray(mask, dtype=bool)).astype(np.float32)
+    d = np.asarray(d, dtype=np.float32)
+    y = -np.expm1(-(d * d) * np.float32(0.5 / (sigma * sigma)))
+    return np.where(np.asarray(mask, dtype=bool), y, np.float32(0.0)).astype(np.float32, copy=False)
 
 
 def logistic_label(d: np.ndarray, mask: np.ndarray, k: float = 22.0, x0: float = 0.1) -> np.ndarray:

@@ -43,6 +43,17 @@ class Shape:
         """Shape norm of local coordinates: <= 1 inside."""
         return np.sqrt((u * u).sum(-1)) if self.kind == "ellipse" else np.abs(u).max(-1)
 
+    def indices(self) -> tuple[np.ndarray, ...]:
+        """``np.nonzero(self.mask)``, computed on the bounding box only."""
+        nz = np.nonzero(self.mask[self.box])
+        return tuple(a + s.start for a, s in zip(nz, self.box, strict=True))
+
+    def inside_fraction(self, foreground: np.ndarray) -> float:
+        """Fraction of the shape's voxels that lie in ``foreground``."""
+        m = self.mask[self.box]
+        n = int(m.sum())
+        return float((m & foreground[self.box]).sum() / n) if n else 0.0
+
 
 def as_foreground(foreground: np.ndarray | None, spatial: tuple[int, ...]) -> np.ndarray:
     """Foreground as a bool array of shape ``spatial`` (accepts (1, *S); ``None`` means everything)."""
@@ -104,8 +115,8 @@ def make_shape(spatial: tuple[int, ...], kind: str, centre: np.ndarray, matrix: 
     mask[box] = inside
     if all(0 <= c < s for c, s in zip(ci, spatial, strict=False)):
         mask[ci] = True  # a shape always holds its centre voxel
-    nz = np.nonzero(mask)
-    shape.box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
+    nz = np.nonzero(mask[box])
+    shape.box = tuple(slice(int(a.min()) + b.start, int(a.max()) + 1 + b.start) for a, b in zip(nz, box, strict=True))
     return shape
 
 
@@ -119,15 +130,17 @@ def random_shape(
     max_shear: float = 0.3,
     min_inside: float = 0.5,
     max_tries: int = 30,
+    fg_index: np.ndarray | None = None,
 ) -> Shape:
     """A random ellipse/box with MTMLW sizes, random rotation and shear, at least ``min_inside`` in the foreground.
 
     The centre is drawn among foreground voxels; up to ``max_tries`` shapes are drawn and the first that meets
-    ``min_inside`` is returned (else the one with the largest foreground fraction).
+    ``min_inside`` is returned (else the one with the largest foreground fraction). ``fg_index``: optional
+    precomputed ``np.flatnonzero(foreground)`` (saves a pass over large volumes when drawing several shapes).
     """
     spatial = tuple(int(s) for s in spatial)
     fg = as_foreground(foreground, spatial)
-    fg_idx = np.flatnonzero(fg)
+    fg_idx = np.flatnonzero(fg) if fg_index is None else fg_index
     best: tuple[float, Shape] | None = None
     for _ in range(max_tries):
         k = kind or SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))]
@@ -139,8 +152,7 @@ def random_shape(
         else:
             centre = np.array([rng.uniform(0, s - 1) for s in spatial])
         shape = make_shape(spatial, k, centre, matrix)
-        n = shape.mask.sum()
-        frac = float((shape.mask & fg).sum() / n) if n else 0.0
+        frac = shape.inside_fraction(fg)
         if frac >= min_inside:
             return shape
         if best is None or frac > best[0]:

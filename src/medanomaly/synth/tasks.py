@@ -138,16 +138,20 @@ def get_task(name: str) -> Callable[..., SynthResult]:
         gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         img, fg, channels = prepare_input(image, foreground, p["channels"])
         lo, hi = float(img.min()), float(img.max())
-        before = img.copy()
-        out, mask, info = spec.fn(img, fg, gen, p, lo, hi)
-        out = np.clip(out, lo, hi).astype(np.float32, copy=False)
-        d = intensity_change(before, out, channels=True)[0]
+        out, mask, info = spec.fn(img, fg, gen, p, lo, hi)  # tasks never modify ``img`` (they work on copies)
+        np.clip(out, lo, hi, out=out)
+        out = out.astype(np.float32, copy=False)
         own = info.pop("label", None)
-        if own is not None and p["labeller"] == "factor":  # the task's own label (FPI: the interpolation factor)
-            label = np.where(mask, own, 0.0).astype(np.float32)
-        else:
-            label = get_labeller(p["labeller"])(d, mask, **(p["labeller_params"] or {}))
-        label = np.clip(label, 0.0, 1.0).astype(np.float32)
+        label = np.zeros(mask.shape, dtype=np.float32)
+        box = _bbox(mask)
+        if box is not None:  # labels are 0 outside the mask: compute them on its bounding box only
+            sub = (slice(None), *box)
+            if own is not None and p["labeller"] == "factor":  # the task's own label (FPI: the interpolation factor)
+                lab = np.where(mask[box], own[box], 0.0)
+            else:
+                d = intensity_change(img[sub], out[sub], channels=True)[0]
+                lab = get_labeller(p["labeller"])(d, mask[box], **(p["labeller_params"] or {}))
+            label[box] = np.clip(lab, 0.0, 1.0)
         info.setdefault("task", name)
         if not channels:
             out = out[0]
@@ -163,8 +167,21 @@ def get_task(name: str) -> Callable[..., SynthResult]:
 # ------------------------------------------------------------------------------------------------ helpers
 def _shapes(img: np.ndarray, fg: np.ndarray, rng: np.random.Generator, p: dict[str, Any], kind: str | None = None) -> list[Shape]:
     n = anomaly_count(rng, p["p_more"], p["max_count"])
-    return [random_shape(img.shape[1:], rng, fg, kind=kind, size_range=p["size_range"], min_inside=p["min_inside"])
-            for _ in range(n)]
+    fg_index = np.flatnonzero(fg)
+    return [random_shape(img.shape[1:], rng, fg, kind=kind, size_range=p["size_range"], min_inside=p["min_inside"],
+                         fg_index=fg_index) for _ in range(n)]
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of a bool array (``None`` when empty)."""
+    if not mask.any():
+        return None
+    box = []
+    for d in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != d)
+        idx = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
 
 
 def _grow(box: tuple[slice, ...], spatial: tuple[int, ...], by: int = 1) -> tuple[slice, ...]:
@@ -220,8 +237,8 @@ def _get_source(p: dict[str, Any], rng: np.random.Generator, n_channels: int, nd
     return src, sfg
 
 
-def _random_voxel(fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    idx = np.flatnonzero(fg)
+def _random_voxel(fg: np.ndarray, rng: np.random.Generator, idx: np.ndarray | None = None) -> np.ndarray:
+    idx = np.flatnonzero(fg) if idx is None else idx
     if idx.size == 0:
         return np.array([rng.uniform(0, s - 1) for s in fg.shape])
     return np.array(np.unravel_index(idx[rng.integers(idx.size)], fg.shape), dtype=np.float64)
@@ -242,10 +259,9 @@ def _blend(img: np.ndarray, fg: np.ndarray, rng: np.random.Generator, p: dict[st
             got = (img, fg)  # intra-blend without a source: a patch from elsewhere in the same image
         src, sfg = got
         n_src += 1
-        if p["match_range"]:
-            s_lo, s_hi = float(src.min()), float(src.max())
-            src = (src - s_lo) * ((hi - lo) / max(s_hi - s_lo, 1e-8)) + lo
-        ext = _grow(shape.box, spatial)
+        # the crop holds the box and its boundary ring, with room to grow the box to fast DST sizes
+        margin = 1 if p["poisson_box"] == "tight" else 2 + max(s.stop - s.start for s in shape.box) // 10
+        ext = _grow(shape.box, spatial, margin)
         pts = _box_points(ext)
         c_src = _random_voxel(sfg, rng)
         # patch size proportional to the source's size (1 for sources of the same data set)
@@ -254,8 +270,12 @@ def _blend(img: np.ndarray, fg: np.ndarray, rng: np.random.Generator, p: dict[st
         rot = random_rotation(len(spatial), rng)
         q = c_src + scale * (pts - shape.centre) @ rot.T
         patch = _sample(src, q, order=1, mode="reflect")
+        if p["match_range"] and src is not img:  # map the source's intensity range onto the target's
+            s_lo, s_hi = float(src.min()), float(src.max())
+            patch = (patch - s_lo) * ((hi - lo) / max(s_hi - s_lo, 1e-8)) + lo
         sub_mask = shape.mask[ext]
-        out_ext = poisson_blend(out[(slice(None), *ext)], patch, sub_mask, mix_gradients=p["mix_gradients"])
+        out_ext = poisson_blend(out[(slice(None), *ext)], patch, sub_mask, mix_gradients=p["mix_gradients"],
+                                box=p["poisson_box"])
         out = out.copy() if out is img else out
         out[(slice(None), *ext)] = out_ext
         total |= shape.mask
@@ -263,7 +283,7 @@ def _blend(img: np.ndarray, fg: np.ndarray, rng: np.random.Generator, p: dict[st
 
 
 _BLEND = {"source_image": None, "source_foreground": None, "source_sampler": None, "scale_range": (0.75, 1.33),
-          "mix_gradients": False, "match_range": True}
+          "mix_gradients": False, "match_range": True, "poisson_box": "fast"}
 
 
 @_register("intra-blend", "Patch from another image of the same data set (randomly rotated/scaled), Poisson-blended.",
@@ -307,7 +327,7 @@ def _deform(img: np.ndarray, fg: np.ndarray, rng: np.random.Generator, p: dict[s
         direction /= np.linalg.norm(direction) + 1e-12
         u_c = direction * rng.uniform(0, p["centre_spread"])
         c = shape.centre + shape.matrix @ u_c
-        idx = np.nonzero(shape.mask)
+        idx = shape.indices()
         pts = np.stack(idx, axis=-1).astype(np.float64)
         w = shape.local(pts) - u_c
         r = _ray_fraction(shape, u_c, w)
@@ -382,17 +402,18 @@ def _paste(img: np.ndarray, fg: np.ndarray, rng: np.random.Generator, p: dict[st
     out = img.copy()
     n = anomaly_count(rng, p["p_more"], p["max_count"])
     lo, hi = float(img.min()), float(img.max())
+    fg_index = np.flatnonzero(fg)
     for _ in range(n):
         shape = None
         for _try in range(20):
-            shape = _cut_shape(spatial, rng, _random_voxel(fg, rng), scar, p)
-            if (shape.mask & fg).sum() >= p["min_inside"] * shape.mask.sum():
+            shape = _cut_shape(spatial, rng, _random_voxel(fg, rng, fg_index), scar, p)
+            if shape.inside_fraction(fg) >= p["min_inside"]:
                 break
         assert shape is not None
         half = np.abs(shape.matrix).sum(1)
         src_c = np.array([rng.uniform(min(h, s - 1 - h), max(h, s - 1 - h)) for h, s in zip(half, spatial, strict=False)])
         shift = np.round(src_c - shape.centre)
-        idx = np.nonzero(shape.mask)
+        idx = shape.indices()
         pts = np.stack(idx, axis=-1).astype(np.float64)
         vals = _sample(img, pts + shift, order=0, mode="reflect")
         if p["jitter"] > 0:
@@ -438,7 +459,8 @@ def _fpi(img, fg, rng, p, lo, hi):
         else:
             src = got[0]
             if src.shape[1:] != spatial:
-                src = np.stack([ndimage.zoom(ch, [a / b for a, b in zip(spatial, src.shape[1:], strict=False)], order=1) for ch in src])
+                zoom = [a / b for a, b in zip(spatial, src.shape[1:], strict=True)]
+                src = np.stack([ndimage.zoom(ch, zoom, order=1) for ch in src])
         half = np.maximum(mtmlw_sizes(spatial, rng, *p["size_range"]) / 2, 1.0)
         shape = make_shape(spatial, "box", _random_voxel(fg, rng), np.diag(half))
         alpha = rng.uniform(*p["alpha_range"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medanomaly.methods.base import AnomalyResult, Detector, register
-from medanomaly.methods.baselines.common import check_image_score, foreground_or_ones, image_scores, min_avg_smooth
+from medanomaly.methods.baselines.common import check_image_score, check_smooth, foreground_or_ones, image_scores, min_avg_smooth
 
 __all__ = ["AutoencoderDetector"]
 
@@ -66,13 +66,16 @@ class AutoencoderDetector(Detector):
             "steps": 2000,
             "lr": 1e-3,
             "weight_decay": 1e-5,
+            "betas": [0.9, 0.999],
             "warmup_steps": 50,
             "schedule": "cosine",
+            "min_lr_ratio": 0.0,
             "grad_clip": 1.0,
             "val_every": 100,
             "early_stopping_patience": 0,
             "checkpoint_every": 200,
             "amp": True,
+            "deterministic": False,
         },
     }
 
@@ -86,6 +89,7 @@ class AutoencoderDetector(Detector):
         if not 0 <= float(p["val_fraction"]) < 1:
             raise ValueError(f"autoencoder: val_fraction must be in [0, 1), got {p['val_fraction']}")
         check_image_score("autoencoder", p["image_score"], p["topk_fraction"])
+        check_smooth("autoencoder", p["smooth"])
         from medanomaly.training import config_from_dict
 
         self._train_cfg = config_from_dict(dict(p["train"]))  # unknown training keys fail here, not after loading data

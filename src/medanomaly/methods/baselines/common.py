@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["IMAGE_SCORES", "foreground_or_ones", "image_scores", "min_avg_smooth", "check_image_score"]
+__all__ = ["IMAGE_SCORES", "foreground_or_ones", "image_scores", "min_avg_smooth", "check_image_score", "check_smooth"]
 
 IMAGE_SCORES = ("max", "mean", "topk")
 
@@ -26,39 +25,23 @@ def foreground_or_ones(images: torch.Tensor, foreground: torch.Tensor | None) ->
     return foreground[:, 0].to(device=images.device, dtype=torch.bool)
 
 
+def check_smooth(where: str, smooth: dict[str, Any]) -> None:
+    for k in ("min_size", "avg_size"):
+        v = smooth.get(k)
+        if not isinstance(v, int) or v < 1 or v % 2 == 0:
+            raise ValueError(f"{where}: smooth.{k} must be an odd integer >= 1 (1: off), got {v!r}")
+
+
 def min_avg_smooth(maps: torch.Tensor, min_size: int, avg_size: int) -> torch.Tensor:
     """Min filter (removes thin isolated residuals, e.g. along edges) then box average; (B, *S) -> (B, *S).
 
-    Uses ``medanomaly.evaluation.postprocess.smooth_min_avg`` when that module exists, else torch pooling
-    (windows clipped at the border, so the borders are not biased by padding).
+    Thin wrapper of :func:`medanomaly.evaluation.postprocess.smooth_min_avg` (odd window sizes; 1 = off).
     """
-    try:
-        from medanomaly.evaluation.postprocess import smooth_min_avg
-    except ImportError:
-        smooth_min_avg = None
-    if smooth_min_avg is not None:
-        out: Any = smooth_min_avg(maps, min_size, avg_size)
-        return torch.as_tensor(out, dtype=maps.dtype, device=maps.device).reshape(maps.shape)
-    nd = maps.ndim - 1
-    x = maps.unsqueeze(1)
-    max_pool = F.max_pool2d if nd == 2 else F.max_pool3d
-    avg_pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
-    if min_size > 1:
-        x = -_pool_same(lambda t, k: max_pool(t, k, stride=1), -x, min_size, float("-inf"))
-    if avg_size > 1:
-        x = _pool_same(lambda t, k: avg_pool(t, k, stride=1, padding=k // 2, count_include_pad=False), x, avg_size, None)
-    return x[:, 0]
+    from medanomaly.evaluation.postprocess import smooth_min_avg
 
-
-def _pool_same(pool: Any, x: torch.Tensor, k: int, pad_value: float | None) -> torch.Tensor:
-    """Stride-1 pooling with output size = input size (odd or even ``k``)."""
-    nd = x.ndim - 2
-    if pad_value is None:  # the pool pads itself (k//2 each side); an even k gives one extra voxel: crop it
-        y = pool(x, k)
-    else:
-        lo, hi = k // 2, k - 1 - k // 2
-        y = pool(F.pad(x, [lo, hi] * nd, value=pad_value), k)
-    return y[(..., *[slice(0, s) for s in x.shape[2:]])]
+    out = smooth_min_avg(maps, min_size if min_size > 1 else None, avg_size if avg_size > 1 else None,
+                         spatial_dims=maps.ndim - 1)
+    return torch.as_tensor(out, dtype=maps.dtype, device=maps.device).reshape(maps.shape)
 
 
 def image_scores(maps: torch.Tensor, fg: torch.Tensor, how: str, k: float) -> torch.Tensor:

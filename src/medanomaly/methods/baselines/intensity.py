@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from medanomaly.methods.base import AnomalyResult, Detector, register
-from medanomaly.methods.baselines.common import check_image_score, foreground_or_ones, image_scores, min_avg_smooth
+from medanomaly.methods.baselines.common import check_image_score, check_smooth, foreground_or_ones, image_scores, min_avg_smooth
 from medanomaly.training.progress import track
 
 __all__ = ["IntensityDetector"]
@@ -45,6 +45,7 @@ class IntensityDetector(Detector):
         if p["normalise"] not in NORMALISE:
             raise ValueError(f"intensity: normalise must be one of {NORMALISE}, got '{p['normalise']}'")
         check_image_score("intensity", p["image_score"], p["topk_fraction"])
+        check_smooth("intensity", p["smooth"])
         self.stats: dict[str, float] = {}
 
     def _channel(self, images: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,8 @@ class MultiTaskDetector(Detector):
                 self.member_info.append(info)
                 self.train_log.extend({**r, "member": combo.name} for r in history)
                 continue
+            if member_dir is not None:
+                _claim_member_dir(member_dir, cfg_hash)
             train_idx = np.flatnonzero(np.isin(folds, combo.train_folds))
             val_idx = np.flatnonzero(np.isin(folds, combo.val_folds))
             seed = int(self.params["seed"])
@@ -191,7 +193,7 @@ class MultiTaskDetector(Detector):
                 warmup_steps=int(tr["warmup_steps"]), schedule=str(tr["schedule"]), min_lr_ratio=float(tr["min_lr_ratio"]),
                 grad_clip=tr["grad_clip"], checkpoint_every=int(tr["checkpoint_every"]) if member_dir is not None else 0,
                 val_every=int(tr["val_every"]), early_stopping_patience=int(tr["early_stopping_patience"]), val_mode="min",
-                seed=seed, device=str(tr["device"]), amp=bool(tr["amp"]), quiet=self.quiet,
+                seed=seed * 1000 + combo.index, device=str(tr["device"]), amp=bool(tr["amp"]), quiet=self.quiet,
                 desc=f"multitask {combo.name}",
             )
             t0 = time.perf_counter()
@@ -614,6 +616,26 @@ def _save_member(member_dir: Path, net: MultiTaskUNet, info: dict[str, Any], his
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.export_state().items()}
     atomic_write_bytes(member_dir / "member.safetensors", st_save(tensors))
     atomic_write_text(member_dir / "member.json", json.dumps({"config_hash": cfg_hash, "info": info, "history": history}))
+
+
+def _claim_member_dir(member_dir: Path, cfg_hash: str) -> None:
+    """Record the settings a member folder trains with; a folder left by other settings is cleared first
+    (its checkpoint must not be resumed under new settings)."""
+    marker = member_dir / "settings.json"
+    if marker.exists():
+        try:
+            old = json.loads(marker.read_text()).get("config_hash")
+        except json.JSONDecodeError:
+            old = None
+        if old == cfg_hash:
+            return
+        for f in (member_dir / "checkpoints" / "unet.pt", member_dir / "member.json", member_dir / "member.safetensors"):
+            f.unlink(missing_ok=True)
+    elif (member_dir / "checkpoints" / "unet.pt").exists():
+        warnings.warn(f"multitask: {member_dir} holds a checkpoint of unknown settings; starting that member afresh",
+                      stacklevel=3)
+        (member_dir / "checkpoints" / "unet.pt").unlink()
+    atomic_write_text(marker, json.dumps({"config_hash": cfg_hash}))
 
 
 def _load_member(member_dir: Path, cfg_hash: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]] | None:

@@ -28,11 +28,13 @@ class MultiTaskUNet(nn.Module):
 
     depth: number of resolution levels (depth 5 = 4 downsamplings); base_filters/max_filters: channels at the
     top level, doubled per level up to the maximum; posenc: keyword arguments of :class:`PositionalEncoding`
-    (``{"coords": False, "n_fourier": 0}`` for none).
+    (``{"coords": False, "n_fourier": 0}`` for none); init_score: the initial output score everywhere (the final
+    bias is set to its logit; synthetic labels are mostly 0, so starting near 0 spares the first hundreds of steps).
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, depth: int = 5, base_filters: int = 32,
-                 max_filters: int = 320, posenc: dict[str, Any] | None = None, act: str = "gelu") -> None:
+                 max_filters: int = 320, posenc: dict[str, Any] | None = None, act: str = "gelu",
+                 init_score: float = 0.02) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"MultiTaskUNet: spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -56,6 +58,10 @@ class MultiTaskUNet(nn.Module):
             res_block=False,
         )
         self.multiple = 2 ** (depth - 1)
+        if not 0.0 < init_score < 1.0:
+            raise ValueError(f"MultiTaskUNet: init_score must be in (0, 1), got {init_score}")
+        with torch.no_grad():
+            self.net.output_block.conv.conv.bias.fill_(float(torch.logit(torch.tensor(init_score))))
 
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> network input (image channels followed by the positional channels)."""
@@ -89,7 +95,11 @@ class MultiTaskUNet(nn.Module):
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a state written by :meth:`export_state`; any other missing or unexpected key is an error."""
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"MultiTaskUNet: weights do not match the configured network; was it trained with other "
+                             f"model settings? ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from e
         missing = [k for k in missing if ".skip_layers." not in f".{k}"]
         if missing or unexpected:
             raise ValueError(f"MultiTaskUNet: weights do not match the configured network (missing {missing[:3]}, "

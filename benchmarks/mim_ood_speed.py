@@ -1,0 +1,88 @@
+"""Restoration throughput of MIM-OOD against the AR baseline (and MVTM + Token Critic), measured in one run.
+
+Random weights (speed does not depend on training): each detector is built from a shipped config set
+(``paper``: 160x160 slices, K=256, D=256, f=8 -> 20x20 tokens, depth-12 width-512 transformers), then
+``predict`` (encode, T detector+MVTM iterations or the AR position loop, decode, residual, smoothing) is timed on
+a batch of slices. The AR loop over token positions is inherent to the method; MIM-OOD runs T iterations over the
+whole (B*R, N) batch. Seconds per 32 slices are scaled linearly from the measured batch when ``--batch`` is
+smaller than 32 (CPU runs). Example::
+
+    OMP_NUM_THREADS=1 python benchmarks/mim_ood_speed.py --config cpu-small --size 64 --batch 32
+    python benchmarks/mim_ood_speed.py --config paper --size 160 --batch 32 --device cuda   # bf16 autocast on CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def build(method: str, config: str, size: int, device: str, r: int, t: int) -> object:
+    from medanomaly.methods import get_method_class
+
+    cls = get_method_class(method)
+    params = cls.config_set(config)
+    params["device"] = device
+    value = 6.0 if method == "ar-restoration" else 0.005
+    params["restoration"] = {**params.get("restoration", {}), "R": r, "T": t, "batch_size": 32,
+                             "threshold": {"mode": "fixed", "quantile": 0.98, "value": value}}
+    det = cls(**params)
+    det._build((1, size, size))
+    det.threshold = float(params["restoration"]["threshold"]["value"])
+    det.token_used = torch.ones(int(det.params["tokenizer"]["num_embeddings"]), dtype=torch.bool)
+    det.is_fitted = True
+    det.quiet = True
+    return det
+
+
+def time_predict(det: object, x: torch.Tensor, repeats: int) -> float:
+    det.predict(x[:2])  # warm-up (allocations, kernels)
+    if x.device.type == "cuda" or str(det.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        det.predict(x)
+        if str(det.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="paper")
+    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--batch", type=int, default=32, help="slices timed for MIM-OOD / Token Critic")
+    p.add_argument("--ar-batch", type=int, default=0, help="slices timed for AR (default: --batch)")
+    p.add_argument("--R", type=int, default=4)
+    p.add_argument("--T", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-ar", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = {}
+    for method in ("mim-ood", "token-critic", "ar-restoration"):
+        if method == "ar-restoration" and args.skip_ar:
+            continue
+        det = build(method, args.config, args.size, args.device, args.R, args.T)
+        n = (args.ar_batch or args.batch) if method == "ar-restoration" else args.batch
+        x = torch.rand(n, 1, args.size, args.size)
+        sec = time_predict(det, x, args.repeats)
+        rows[method] = {"slices": n, "seconds": sec, "seconds_per_32": sec / n * 32, "slices_per_s": n / sec,
+                        "tokens": list(det.token_shape), "R": args.R, "T": args.T if method != "ar-restoration" else None}
+        print(method, json.dumps(rows[method]), flush=True)
+    if "ar-restoration" in rows:
+        rows["ratio_ar_over_mim"] = rows["ar-restoration"]["seconds_per_32"] / rows["mim-ood"]["seconds_per_32"]
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else f"cpu x{args.threads}"
+    print(json.dumps({"config": args.config, "size": args.size, "device": dev, **rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
