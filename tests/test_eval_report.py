@@ -56,9 +56,11 @@ def test_write_report_without_lesions_or_images(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     scores, masks = rng.random((4, 12, 12)), np.zeros((4, 12, 12), bool)
     with pytest.warns(UserWarning, match="no positive"):
-        page = write_report(tmp_path, {"note": "all normal"}, scores, masks, sample_scores=rng.random(4),
+        page = write_report(tmp_path, {"note": "all normal", "pixel_ap": None, "best_threshold": None}, scores, masks,
+                            sample_scores=rng.random(4),
                             sample_labels=[0, 0, 0, 0])
     _check_page(page, {"cases.png"})  # no curve is drawn without a positive; the grid ranks by image score
+    assert "highest score" not in page.read_text() and json.loads((tmp_path / "metrics.json").read_text())["pixel_ap"] is None
     only_metrics = write_report(tmp_path / "m", {"pixel_ap": 0.5})
     assert only_metrics.exists() and "<img" not in only_metrics.read_text()
     with pytest.raises(ValueError, match="does not match"):

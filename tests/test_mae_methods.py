@@ -150,4 +150,4 @@ def test_mae_residual_localises_toy_lesions() -> None:
     res = det.predict(test["image"], test["foreground"])
     fg = test["foreground"][:, 0]
     auroc = roc_auc_score(test["mask"][:, 0][fg].numpy(), res.pixel_scores[fg].numpy())
-    assert auroc > 0.75, auroc
+    assert auroc > 0.88, auroc  # an untrained MAE gives ~0.79 (bright blobs), 250 steps ~0.93

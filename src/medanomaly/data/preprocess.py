@@ -25,6 +25,11 @@ Presets
     For chest X-rays. Clip to the DICOM window (when the input carries one and ``window`` is True), histogram
     equalisation (exact, by rank, for up to 4096 distinct values; 4096-bin histogram otherwise), scale to [-1, 1],
     resize to ``size x size`` (default 256; bilinear with anti-aliasing). Foreground = the whole image.
+
+Why not MONAI transforms here: the presets need the output affine of every step (to write maps back in the input's
+world coordinates) and must treat a stack of 2D slices as one volume for the percentile; a few lines of nibabel
+orientation maths, ``scipy.ndimage.affine_transform`` and ``torch.nn.functional.interpolate`` keep that bookkeeping
+explicit and numpy-only, whereas MONAI's Orientation/Spacing/Resize work on MetaTensors one image at a time.
 """
 
 from __future__ import annotations

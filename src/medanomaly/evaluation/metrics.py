@@ -461,7 +461,7 @@ def reduce_map(
     if is_torch:
         import torch
 
-        return torch.from_numpy(out).to(maps.dtype if maps.is_floating_point() else torch.float64)
+        return torch.from_numpy(out).to(device=maps.device, dtype=maps.dtype if maps.is_floating_point() else torch.float64)
     return out
 
 
@@ -569,7 +569,8 @@ class StreamingPixelMetrics:
 
     Scores are binned into ``bins`` equal bins over ``range = (lo, hi)``, plus four bins of their own: below
     ``lo``, exactly ``lo``, exactly ``hi``, above ``hi`` (clipped maps often put many voxels exactly on 0 or 1).
-    Memory: a few arrays of ``bins + 4`` numbers, plus two count arrays per case when ``per_case`` is on.
+    Memory: a few arrays of ``bins + 4`` numbers, plus ``8 * (bins + 4)`` bytes per case when ``per_case`` is on
+    (give ``case_ids`` to pool the slices of one patient into one case, or turn ``per_case`` off).
     ``merge`` adds another accumulator (e.g. from another process of a sharded prediction).
 
     ``compute()`` treats the scores inside one bin as tied, which gives the estimates ``ap``, ``auroc``,
@@ -674,7 +675,7 @@ class StreamingPixelMetrics:
             key = (case_of * nb + idx) * 2 + m
             counts = np.bincount(key, minlength=n * nb * 2).reshape(n, nb, 2)
             for i, k in enumerate(keys):
-                h = self.cases.setdefault(k, np.zeros((2, nb), np.int64))
+                h = self.cases.setdefault(k, np.zeros((2, nb), np.int32))  # int32: one case holds < 2**31 voxels
                 h[0] += counts[i, :, 1]
                 h[1] += counts[i, :, 0]
 
@@ -745,7 +746,7 @@ class StreamingPixelMetrics:
                 out["auroc_bounds"] = [max(0.0, r["auroc"] - half), min(1.0, r["auroc"] + half)]
         if self.per_case and self.cases and r["best_index"] >= 0:
             b = int(nz[r["best_index"]])
-            h = np.stack(list(self.cases.values()))  # (cases, 2, bins + 4)
+            h = np.stack(list(self.cases.values())).astype(np.int64)  # (cases, 2, bins + 4)
             tp = h[:, 0, b:].sum(1)
             pred = tp + h[:, 1, b:].sum(1)
             d = _dice_from_case_counts(tp, pred, h[:, 0].sum(1), self.dice_cases)

@@ -115,10 +115,8 @@ def gaussian_smooth(maps: Any, sigma: float, spatial_dims: int | None = None, tr
 def mask_foreground(maps: Any, foreground: Any, fill: float = 0.0) -> Any:
     """Set map values outside the foreground to ``fill``. ``foreground`` may carry a channel axis the map lacks."""
     t, was_torch = _as_tensor(maps)
-    if isinstance(foreground, torch.Tensor):
-        fg = foreground.to(t.device)
-    else:
-        fg = torch.from_numpy(np.ascontiguousarray(np.asarray(foreground)))
+    fg = foreground if isinstance(foreground, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(foreground)))
+    fg = fg.to(t.device)
     if fg.dtype != torch.bool:
         if not ((fg == 0) | (fg == 1)).all():
             raise ValueError("foreground must be binary (bool or 0/1)")
@@ -130,5 +128,5 @@ def mask_foreground(maps: Any, foreground: Any, fill: float = 0.0) -> Any:
             fg = fg[:, None]
     if fg.shape != t.shape:
         raise ValueError(f"foreground shape {tuple(fg.shape)} does not match maps shape {tuple(t.shape)}")
-    out = torch.where(fg, t, torch.as_tensor(fill, dtype=t.dtype if t.is_floating_point() else torch.float32))
+    out = torch.where(fg, t, float(fill))
     return out if was_torch else out.numpy()

@@ -7,7 +7,7 @@ A report folder written by :func:`write_report` holds
 - ``curves_sample.png`` image-level precision-recall and ROC curves (when sample scores and labels are given)
 - ``cases.png``       best, median and worst cases by per-case DICE at the best threshold: image, anomaly map,
   and an overlay with the lesion contour (green) and the thresholded prediction (red); 3D volumes show the slice
-  (along the last axis) with the largest lesion area
+  along the last axis (axial for RAS volumes) with the largest lesion area, or the highest score without a lesion
 - ``report.html``     metric and settings tables and the figures, embedded as base64 (so the page alone is
   enough) and linked to the PNG files beside it.
 
@@ -24,6 +24,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,15 @@ MAIN_KEYS = (
     "pixel_ap", "ap", "pixel_auroc", "auroc", "best_dice", "best_threshold", "dice_per_case_mean", "dice_per_case_std",
     "sample_ap", "sample_auroc", "seconds_per_image", "seconds_per_batch", "device",
 )
+
+
+def _package_version() -> str:
+    try:
+        from medanomaly import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
 
 
 def _plt():  # noqa: ANN202 - matplotlib module
@@ -141,7 +151,7 @@ def _plot_curves(curves: dict[str, np.ndarray], level: str, ap: float, auroc: fl
     if best_point is not None:
         a1.plot(*best_point, "o", color="C3", label="best DICE threshold")
     a1.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{level}: precision-recall")
-    a1.legend(loc="lower left", fontsize=8)
+    a1.legend(loc="best", fontsize=8)
     a2.plot(curves["fpr"], curves["tpr"], color="C1", label=f"AUROC = {_fmt(auroc)}")
     a2.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
     a2.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02), title=f"{level}: ROC")
@@ -335,7 +345,7 @@ def write_report(
             img_scores = (s if f is None else np.where(f, s, -np.inf)).reshape(len(s), -1).max(1)
         picks = _pick_cases(dice, img_scores, case_ids)
         fig = _plot_cases(picks, im, s, m, f, thr)
-        figures.append((out / "cases.png", "Best, median and worst cases by per-case DICE at the best-DICE threshold"))
+        figures.append((out / "cases.png", "Best, median and worst images by their own DICE at the best-DICE threshold"))
         _save_fig(fig, figures[-1][0])
 
     if sample_scores is not None and sample_labels is not None:
@@ -353,6 +363,10 @@ def write_report(
             _save_fig(fig, figures[-1][0])
 
     timing = {k: v for k, v in {**settings, **metrics}.items() if any(t in k for t in ("second", "time", "device"))}
+    if not timing:
+        timing = {"timing": "not recorded by the caller"}
+    timing["report_written"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    timing["medanomaly"] = _package_version()
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -363,8 +377,7 @@ def write_report(
         "maximum over thresholds of the dataset-pooled DICE (exact, from the precision-recall counts); per-case DICE "
         "at that threshold over cases with a lesion. nan/n/a: undefined on these data (e.g. no lesion).</p>",
     ]
-    if timing:
-        parts += ["<h2>Timing and device</h2>", _table(timing)]
+    parts += ["<h2>Timing and device</h2>", _table(timing)]
     if settings:
         parts += ["<h2>Settings</h2>", _table({k: v for k, v in settings.items() if k not in timing})]
     if figures:
