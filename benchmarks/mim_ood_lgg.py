@@ -92,6 +92,34 @@ def evaluate(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+def figure(args: argparse.Namespace) -> None:
+    """Input, restoration, map and lesion contour for the best, median and worst lesion slices (per-slice AP)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import average_precision_score
+
+    d = np.load(args.npz)
+    masks = d["masks"][:, 0]
+    has = np.nonzero(masks.reshape(len(masks), -1).sum(1) >= args.min_pixels)[0]
+    ap = np.array([average_precision_score(masks[i].ravel(), d["maps"][i].ravel()) for i in has])
+    order = has[np.argsort(ap)[::-1]]
+    pick = {"best": order[0], "median": order[len(order) // 2], "worst": order[-1]}
+    fig, axes = plt.subplots(3, 3, figsize=(7.5, 7.5))
+    for row, (what, i) in enumerate(pick.items()):
+        for col, (img, title) in enumerate([(d["images"][i, 0], "input"), (d["restoration"][i, 0], "restoration"),
+                                            (d["maps"][i], "anomaly map")]):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray" if col < 2 else "magma")
+            ax.contour(masks[i], levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_title(f"{what} (AP {ap[list(has).index(i)]:.2f})" if col == 0 else title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(args.out, {k: int(v) for k, v in pick.items()})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,8 +139,12 @@ def main() -> None:
     e.add_argument("--max-slices", type=int, default=0)
     e.add_argument("--token-scores", action="store_true", help="also MVTM token NLL (extra forwards)")
     e.add_argument("--save-maps", action="store_true")
+    f = sub.add_parser("figure")
+    f.add_argument("npz")
+    f.add_argument("out")
+    f.add_argument("--min-pixels", type=int, default=20)
     args = p.parse_args()
-    train(args) if args.cmd == "train" else evaluate(args)
+    {"train": train, "eval": evaluate, "figure": figure}[args.cmd](args)
 
 
 if __name__ == "__main__":

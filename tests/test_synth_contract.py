@@ -37,7 +37,7 @@ def _case(seed: int, dims: int, with_channel: bool, offset: float, scale: float,
     return img.astype(np.float32), fg, src.astype(np.float32)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
     dims=st.sampled_from([2, 3]),

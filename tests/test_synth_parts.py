@@ -232,3 +232,24 @@ def test_cli_writes_grids(tmp_path) -> None:  # noqa: ANN001
         assert im.size[0] > 100 and im.size[1] > 100
     with pytest.raises(ValueError, match="unknown synthetic task"):
         run_synth_cli("nope", "toy", out)
+
+
+# ------------------------------------------------------------------------------------------------ real data
+@pytest.mark.realdata
+def test_tasks_on_a_real_lgg_slice() -> None:
+    try:
+        from medanomaly.data import load_dataset
+
+        ds = load_dataset("lgg-flair-2d", "train", normal_only=True, max_cases=1)
+    except Exception as exc:  # data folder absent or unreadable on this machine
+        pytest.skip(f"real LGG data not available: {exc}")
+    sample = max((ds[i] for i in range(min(len(ds), 12))), key=lambda s: float(s["foreground"].float().mean()))
+    img, fg = sample["image"].numpy(), sample["foreground"].numpy()
+    src = ds[0]["image"].numpy()
+    for name in ["intra-blend", "inter-blend", "sink", "source", "smooth-intensity", "cutpaste", "fpi", "anatpaste"]:
+        kw = {"source_image": src} if name in ("inter-blend", "fpi") else {}
+        res = get_task(name)(img, fg, 0, **kw)
+        assert res.image.shape == img.shape and res.label.shape == (1, *img.shape[1:])
+        assert res.image.min() >= img.min() and res.image.max() <= img.max()
+        assert res.mask.any() and np.all(res.label[~res.mask] == 0)
+        assert (res.mask[0] & fg[0]).sum() > 0

@@ -175,7 +175,7 @@ def _plot_cases(picks: list[tuple[str, int, str]], images: np.ndarray | None, sc
     plt = _plt()
     lo, hi = np.percentile(scores if fg is None else scores[fg], [1.0, 99.5])
     hi = max(hi, lo + 1e-12)
-    ncols = 3 if images is not None else 2
+    ncols = 3 if images is not None else 1
     fig, axes = plt.subplots(len(picks), ncols, figsize=(3.2 * ncols, 3.2 * len(picks)), squeeze=False)
     for r, (label, i, caption) in enumerate(picks):
         m = masks[i]

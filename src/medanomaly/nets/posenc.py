@@ -31,7 +31,8 @@ def coordinate_grid(shape: tuple[int, ...], low: float = -1.0, high: float = 1.0
     axes = []
     for n in shape:
         if endpoint:
-            ax = torch.linspace(low, high, n, dtype=torch.float64) if n > 1 else torch.full((1,), (low + high) / 2, dtype=torch.float64)
+            mid = torch.full((1,), (low + high) / 2, dtype=torch.float64)
+            ax = torch.linspace(low, high, n, dtype=torch.float64) if n > 1 else mid
         else:
             ax = low + (high - low) * torch.arange(n, dtype=torch.float64) / n
         axes.append(ax)

@@ -88,6 +88,7 @@ class MultiTaskDetector(Detector):
             "amp": True,
         },
         "val_samples": 64,  # synthetic validation images per member (held-out tasks on held-out folds)
+        "val_metric": "loss",  # early stopping / checkpoint choice on the synthetic validation "loss" (min) or pixel "ap" (max)
         "num_workers": 0,  # DataLoader workers for synthesis
         "predict": {
             "batch_size": 8,
@@ -150,7 +151,8 @@ class MultiTaskDetector(Detector):
         tp = self.params["tasks"]
         n_tasks = len(tp["names"])
         folds = assign_folds(pool.case_ids, n_tasks, seed=int(self.params["fold_seed"]))
-        synth = _SynthSpec(tp["names"], tp["params"], float(tp["label_sigma"]), _inter_source(tp["inter_source"], pool, "inter-blend" in tp["names"]))
+        inter = _inter_source(tp["inter_source"], pool, "inter-blend" in tp["names"])
+        synth = _SynthSpec(tp["names"], tp["params"], float(tp["label_sigma"]), inter)
         tr = self.params["train"]
         cfg_hash = self._config_hash()
         self.models, self.member_info, self.train_log = [], [], []
@@ -184,15 +186,28 @@ class MultiTaskDetector(Detector):
                 x, y = batch[0].to(_d, non_blocking=True), batch[1].to(_d, non_blocking=True)
                 return _loss(model(x), y, _k)
 
+            vbs = int(self.params["predict"]["batch_size"])
+            by_ap = self.params["val_metric"] == "ap"
+
+            val_clock = [0.0]
+
             def val_fn(model: nn.Module, _v: dict[str, torch.Tensor] = val_set, _d: torch.device = device,
-                       _k: str = loss_kind) -> float:
-                return _val_loss(model, _v, _d, _k, int(self.params["predict"]["batch_size"]))
+                       _k: str = loss_kind, _ap: bool = by_ap, _bs: int = vbs, _clock: list[float] = val_clock) -> float:
+                t = time.perf_counter()
+                if _ap:
+                    ap = _val_ap(model, _v, _d, _bs)
+                    out = 0.0 if ap is None else ap
+                else:
+                    out = _val_loss(model, _v, _d, _k, _bs)
+                _clock[0] += time.perf_counter() - t
+                return out
 
             cfg = TrainConfig(
                 steps=int(tr["steps"]), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]),
                 warmup_steps=int(tr["warmup_steps"]), schedule=str(tr["schedule"]), min_lr_ratio=float(tr["min_lr_ratio"]),
                 grad_clip=tr["grad_clip"], checkpoint_every=int(tr["checkpoint_every"]) if member_dir is not None else 0,
-                val_every=int(tr["val_every"]), early_stopping_patience=int(tr["early_stopping_patience"]), val_mode="min",
+                val_every=int(tr["val_every"]), early_stopping_patience=int(tr["early_stopping_patience"]),
+                val_mode="max" if by_ap else "min",
                 seed=seed * 1000 + combo.index, device=str(tr["device"]), amp=bool(tr["amp"]), quiet=self.quiet,
                 desc=f"multitask {combo.name}",
             )
@@ -204,19 +219,23 @@ class MultiTaskDetector(Detector):
                 batches.close()
             seconds = time.perf_counter() - t0
             net.eval()
-            val_ap = _val_ap(net, val_set, device, int(self.params["predict"]["batch_size"]))
-            steps_run = max(1, len([r for r in result.history if "step" in r]))
+            val_ap = _val_ap(net, val_set, device, vbs)
+            with torch.no_grad():
+                val_loss = _val_loss(net, val_set, device, loss_kind, vbs)
+            train_seconds = max(seconds - val_clock[0], 1e-9)
             info = {
                 "name": combo.name, "index": combo.index, "train_tasks": list(combo.train_tasks),
                 "val_tasks": list(combo.val_tasks), "train_folds": list(combo.train_folds), "val_folds": list(combo.val_folds),
                 "train_task_names": [tp["names"][t] for t in combo.train_tasks],
                 "val_task_names": [tp["names"][t] for t in combo.val_tasks],
                 "n_train_images": int(len(train_idx)), "n_val_images": int(len(val_idx)),
-                "synthetic_val_loss": result.best_val, "synthetic_val_ap": val_ap, "best_step": result.best_step,
+                "synthetic_val_loss": val_loss, "synthetic_val_ap": val_ap, "val_metric": self.params["val_metric"],
+                "best_val": result.best_val, "best_step": result.best_step,
                 "steps_done": result.steps_done, "stopped_early": result.stopped_early,
-                "train_seconds_this_session": seconds, "data_wait_seconds": batches.wait_seconds,
-                "samples_per_s": batches.samples_served / seconds if seconds > 0 else None,
-                "history_steps": steps_run,
+                # timing of this session's training (a resumed member counts only the steps run now)
+                "train_seconds_this_session": seconds, "val_seconds": val_clock[0], "data_wait_seconds": batches.wait_seconds,
+                "train_samples_per_s": batches.samples_served / train_seconds if batches.samples_served else None,
+                "data_wait_fraction": batches.wait_seconds / train_seconds if batches.samples_served else None,
             }
             net.to("cpu")
             self.models.append(net)
@@ -253,8 +272,9 @@ class MultiTaskDetector(Detector):
             maps = []
             for s in range(0, images.shape[0], bs):
                 x = images[s:s + bs].to(device=device, dtype=torch.float32)
-                maps.append(net.predict_scores(x, roi_size=roi, sw_batch_size=int(pp["sw_batch_size"]),
-                                               overlap=float(pp["overlap"]), progress=not self.quiet and roi is not None)[:, 0].float().cpu())
+                sc = net.predict_scores(x, roi_size=roi, sw_batch_size=int(pp["sw_batch_size"]), overlap=float(pp["overlap"]),
+                                        progress=not self.quiet and roi is not None)
+                maps.append(sc[:, 0].float().cpu())
             net.to("cpu")
             mp = torch.cat(maps)
             total += mp
@@ -328,6 +348,8 @@ def _check_params(p: dict[str, Any]) -> None:
         raise ValueError(f"multitask: predict.image_score must be max | mean | topk, got {p['predict']['image_score']!r}")
     if int(p["train"]["batch_size"]) < 1 or int(p["train"]["steps"]) < 1:
         raise ValueError("multitask: train.batch_size and train.steps must be >= 1")
+    if p["val_metric"] not in ("loss", "ap"):
+        raise ValueError(f"multitask: val_metric must be 'loss' or 'ap', got {p['val_metric']!r}")
     if int(p["val_samples"]) < 1:
         raise ValueError("multitask: val_samples must be >= 1")
     if p["spatial_dims"] is not None and int(p["spatial_dims"]) not in (2, 3):
@@ -610,7 +632,8 @@ def _make_val_set(pool: _HealthyPool, indices: np.ndarray, tasks: tuple[int, ...
 
 
 # ====================================================================== finished members on disk
-def _save_member(member_dir: Path, net: MultiTaskUNet, info: dict[str, Any], history: list[dict[str, Any]], cfg_hash: str) -> None:
+def _save_member(member_dir: Path, net: MultiTaskUNet, info: dict[str, Any], history: list[dict[str, Any]],
+                 cfg_hash: str) -> None:
     from safetensors.torch import save as st_save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.export_state().items()}

@@ -82,7 +82,8 @@ class MultiTaskUNet(nn.Module):
             z = F.pad(z, pad, mode="replicate")
         out = self.net(z)
         if any(pad):
-            crop = tuple(slice(pad[2 * (len(spatial) - 1 - d)], pad[2 * (len(spatial) - 1 - d)] + spatial[d]) for d in range(len(spatial)))
+            lows = [pad[2 * (len(spatial) - 1 - d)] for d in range(len(spatial))]
+            crop = tuple(slice(lo, lo + n) for lo, n in zip(lows, spatial, strict=True))
             out = out[(slice(None), slice(None), *crop)]
         return out
 
