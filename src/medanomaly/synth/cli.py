@@ -12,13 +12,13 @@ from medanomaly.synth.tasks import get_task, list_tasks
 
 __all__ = ["run_synth_cli", "DEFAULT_SOURCES"]
 
-# inter-blend needs another data set of the same dimensionality
-DEFAULT_SOURCES = {"lgg-flair-2d": "pneumoniamnist", "pneumoniamnist": "lgg-flair-2d", "brats2018-3d": "ixi-t1-3d",
+# inter-blend needs another data set of the same dimensionality ("name:slices" = 2D slices of a 3D data set)
+DEFAULT_SOURCES = {"lgg-flair-2d": "ixi-t1-3d:slices", "pneumoniamnist": "lgg-flair-2d", "brats2018-3d": "ixi-t1-3d",
                    "ixi-t1-3d": "brats2018-3d"}
 
 
-def _load(data: str, max_cases: int, quiet: bool = True) -> tuple[Any, str]:
-    """The data set (healthy training images when the data set has them), or toy data when it cannot be read."""
+def _load(data: str, max_cases: int, size: Any = None) -> tuple[Any, str]:
+    """The data set (healthy training images when the data set has them); ``toy``/``toy-3d`` for generated data."""
     if data.startswith("toy"):
         from medanomaly.data import make_toy_dataset
 
@@ -26,10 +26,14 @@ def _load(data: str, max_cases: int, quiet: bool = True) -> tuple[Any, str]:
         return make_toy_dataset(8, 64 if dims == 2 else 32, dims, seed=0), data
     from medanomaly.data import load_dataset
 
+    name, _, view = data.partition(":")
+    kw: dict[str, Any] = {"view": view} if view else {}
+    if size is not None:
+        kw["size"] = size
     errors = []
     for split, normal in (("train", True), ("all", False), ("test", False)):
         try:
-            ds = load_dataset(data, split, normal_only=normal, max_cases=max_cases)
+            ds = load_dataset(name, split, normal_only=normal, max_cases=max_cases, **kw)
             if len(ds):
                 return ds, data
         except (ValueError, FileNotFoundError, OSError) as exc:
@@ -62,7 +66,8 @@ def run_synth_cli(task: str, data: str = "lgg-flair-2d", out: str | Path = "synt
     """Write ``<out>/<task>_<data>.png`` for ``task`` (a name, comma-separated names or ``all``); returns the paths.
 
     Each grid has ``n`` columns (images) and three rows: before, after, label (3D: the slice along the first axis
-    where the anomaly mask is largest). ``data`` is a built-in data set name, a manifest, or ``toy``/``toy-3d``.
+    where the anomaly mask is largest). ``data`` is a built-in data set name (``name:slices`` for 2D slices of a 3D
+    set), a manifest, or ``toy``/``toy-3d``.
     ``inter-blend`` takes patches from ``source`` (default: :data:`DEFAULT_SOURCES`).
     """
     import matplotlib
@@ -83,7 +88,8 @@ def run_synth_cli(task: str, data: str = "lgg-flair-2d", out: str | Path = "synt
     src_ds = None
     if "inter-blend" in names:
         src_name = source or DEFAULT_SOURCES.get(data, "toy-3d" if ds.spatial_dims == 3 else "toy")
-        src_ds, _ = _load(src_name, max_cases)
+        src_size = tuple(ds[0]["image"].shape[1:]) if ":slices" in src_name else None
+        src_ds, _ = _load(src_name, max_cases, size=src_size[0] if src_size and len(set(src_size)) == 1 else None)
         if src_ds.spatial_dims != ds.spatial_dims:
             raise ValueError(f"inter-blend source {src_name!r} is {src_ds.spatial_dims}D but {data!r} is {ds.spatial_dims}D")
     written = []
