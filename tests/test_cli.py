@@ -174,6 +174,8 @@ def test_predict_volume_through_2d_run_keeps_geometry(intensity_run: Path, tmp_p
 
 
 def test_autoencoder_few_steps_train_resume_evaluate(manifest: Path, tmp_path: Path) -> None:
+    import yaml
+
     run = tmp_path / "ae"
     args = ("train", "autoencoder", "--data", manifest, "--out", run, "--size", SIZE, "--config-set", "test",
             "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--seed", "3", "--quiet")
@@ -190,6 +192,12 @@ def test_autoencoder_few_steps_train_resume_evaluate(manifest: Path, tmp_path: P
     res = invoke(*args, "--resume", ok=False)
     assert "different settings" in res.output
     invoke(*args, "--force")
+    # killed after its last checkpoint: --resume finishes it from the checkpoint
+    (run / "weights.safetensors").unlink()
+    (run / "config.yaml").unlink()
+    invoke(*args, "--resume")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["resumed"] is True and cfg["train"]["seed"] == 3
     res = invoke("evaluate", run, "--data", manifest, "--out", tmp_path / "ev", "--quiet")
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["method"] == "autoencoder" and m["pixel_ap"] is not None

@@ -535,7 +535,8 @@ def describe_device(det: Any = None) -> str:
     d = get_device(str(dev) if dev is not None else None)
     if d.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(d)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'})"
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -1008,6 +1009,8 @@ def predict_files(
             _check_shape(st.images.shape[2:], want_shape, path, preset.name)
             maps, scores = _predict_batches(det, st.images, st.foreground, batch_size)
             back = _unfit_2d(maps, st.meta["geometry"])  # (S, rows, cols) in slice orientation
+            # slices the preset flags as nearly empty (datasets drop them from every split) get no score
+            back[~np.asarray(st.keep, bool)] = 0.0
             vol_ras = np.moveaxis(np.rot90(back, k=-1, axes=(1, 2)), 0, 2)
             _, ras_aff = reorient(np.zeros(arr.shape, np.uint8), ld.affine, "RAS")
             score = float(scores[st.keep].max()) if st.keep.any() else float(scores.max())
@@ -1032,7 +1035,9 @@ def predict_files(
                 if fmt == "nifti":
                     write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
                 target = write_png_map(amap, out / f"{stem}_anomaly.png")
-        save_overlay_png(_display(arr), amap, None, out / f"{stem}_overlay.png", title=f"{stem}: score {score:.4g}")
+        k = int(np.argmax(amap.reshape(-1, amap.shape[-1]).sum(0))) if amap.ndim == 3 else None  # the hottest slice
+        save_overlay_png(_display(arr), amap, None, out / f"{stem}_overlay.png", slice_index=k,
+                         title=f"{stem}: score {score:.4g}" + (f" (slice {k})" if k is not None else ""))
         written.append(Path(target))
         rows.append(f"{path},{score:.6g},{Path(target).name},{float(amap.min()):.6g},{float(amap.max()):.6g}")
     atomic_write_text(out / "scores.csv", "\n".join(rows) + "\n")

@@ -64,6 +64,9 @@ class MultiTaskDetector(Detector):
             "names": list(TASK_NAMES),
             "train_count": 1,
             "label_sigma": 0.2,  # flipped-Gaussian labeller
+            # "foreground_std": sigma is in units of the foreground intensity std of the training images (the paper's
+            # data were z-scored, so its sigma 0.2 means 0.2 std); "absolute": in image intensity units
+            "label_sigma_units": "foreground_std",
             "params": {},  # per task name: extra keyword arguments of the synth task
             "inter_source": "auto",  # external images for inter-blend: "auto" (synth default), a dataset name, or None
         },
@@ -108,6 +111,7 @@ class MultiTaskDetector(Detector):
         _check_params(self.params)
         self.models: list[MultiTaskUNet] = []
         self.member_info: list[dict[str, Any]] = []
+        self.label_sigma_effective: float | None = None
 
     # ------------------------------------------------------------------ building blocks
     def _build_model(self) -> MultiTaskUNet:
@@ -152,7 +156,11 @@ class MultiTaskDetector(Detector):
         n_tasks = len(tp["names"])
         folds = assign_folds(pool.case_ids, n_tasks, seed=int(self.params["fold_seed"]))
         inter = _inter_source(tp["inter_source"], pool, "inter-blend" in tp["names"])
-        synth = _SynthSpec(tp["names"], tp["params"], float(tp["label_sigma"]), inter)
+        if tp["label_sigma_units"] == "foreground_std":
+            self.label_sigma_effective = float(tp["label_sigma"]) * pool.foreground_std()
+        else:
+            self.label_sigma_effective = float(tp["label_sigma"])
+        synth = _SynthSpec(tp["names"], tp["params"], self.label_sigma_effective, inter)
         tr = self.params["train"]
         cfg_hash = self._config_hash()
         self.models, self.member_info, self.train_log = [], [], []
@@ -319,10 +327,12 @@ class MultiTaskDetector(Detector):
             self.models.append(net.eval())
 
     def extra_state(self) -> dict[str, Any]:
-        return {"members": self.member_info, "config_hash": self._config_hash()}
+        return {"members": self.member_info, "config_hash": self._config_hash(),
+                "label_sigma_effective": self.label_sigma_effective}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.member_info = list(state.get("members", []))
+        self.label_sigma_effective = state.get("label_sigma_effective")
 
     def validation_table(self) -> list[dict[str, Any]]:
         """Per member: its tasks and synthetic validation scores (for the synthetic-vs-real correlation)."""
@@ -348,6 +358,8 @@ def _check_params(p: dict[str, Any]) -> None:
         raise ValueError(f"multitask: predict.image_score must be max | mean | topk, got {p['predict']['image_score']!r}")
     if int(p["train"]["batch_size"]) < 1 or int(p["train"]["steps"]) < 1:
         raise ValueError("multitask: train.batch_size and train.steps must be >= 1")
+    if t["label_sigma_units"] not in ("foreground_std", "absolute") or not float(t["label_sigma"]) > 0:
+        raise ValueError("multitask: tasks.label_sigma must be > 0 and tasks.label_sigma_units foreground_std | absolute")
     if p["val_metric"] not in ("loss", "ap"):
         raise ValueError(f"multitask: val_metric must be 'loss' or 'ap', got {p['val_metric']!r}")
     if int(p["val_samples"]) < 1:
@@ -423,6 +435,16 @@ class _HealthyPool:
         self.spatial_dims = images[0].ndim - 1
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"multitask: images must be (C, H, W) or (C, D, H, W), got {images[0].shape}")
+
+    def foreground_std(self, max_values: int = 2_000_000) -> float:
+        """Standard deviation of the foreground intensities (all channels), from an even subsample."""
+        step = max(1, len(self.images) * self.images[0][0].size // max_values)
+        vals = np.concatenate([im[:, fg].ravel() for im, fg in zip(self.images, self.foregrounds, strict=True)])[::step]
+        std = float(vals.std()) if vals.size > 1 else 0.0
+        if not std > 0:
+            raise ValueError("multitask: the training images have constant foreground intensity; cannot scale label_sigma "
+                             "(set tasks.label_sigma_units: absolute)")
+        return std
 
     @classmethod
     def from_dataset(cls, ds: Any, quiet: bool = True) -> _HealthyPool:
