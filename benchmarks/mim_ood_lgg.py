@@ -66,12 +66,14 @@ def evaluate(args: argparse.Namespace) -> None:
         det = load_detector(run)
         det.quiet = True
         det.params["restoration"]["extra_token_scores"] = args.token_scores
+        if args.residual_to:
+            det.params["restoration"]["residual_to"] = args.residual_to
         for r in args.R or [int(det.params["restoration"]["R"])]:
             det.params["restoration"]["R"] = r
             t0 = time.perf_counter()
             res = det.predict(x, fg)
             sec = time.perf_counter() - t0
-            name = f"{label} R={r}"
+            name = f"{label} R={r}" + (f" residual_to={args.residual_to}" if args.residual_to else "")
             out = {"seconds_per_32": sec / len(x) * 32, "threshold": det.threshold, "n_slices": len(x)}
             pm = pixel_metrics(res.pixel_scores, masks[:, 0], fg[:, 0], case_ids=batch["case_id"])
             out.update({f"pixel_{k}": pm[k] for k in ("ap", "auroc", "best_dice", "dice_per_case_mean")})
@@ -139,6 +141,7 @@ def main() -> None:
     e.add_argument("--max-slices", type=int, default=0)
     e.add_argument("--token-scores", action="store_true", help="also MVTM token NLL (extra forwards)")
     e.add_argument("--save-maps", action="store_true")
+    e.add_argument("--residual-to", default="", help="override restoration.residual_to (input | reconstruction)")
     f = sub.add_parser("figure")
     f.add_argument("npz")
     f.add_argument("out")

@@ -158,6 +158,10 @@ def test_params_are_checked():
         MultiTaskDetector(**{"tasks.train_count": 5})
     with pytest.raises(ValueError, match="loss"):
         MultiTaskDetector(loss="l1")
+    with pytest.raises(ValueError, match="label_sigma"):
+        MultiTaskDetector(**{"tasks.label_sigma_units": "percent"})
+    with pytest.raises(ValueError, match="val_metric"):
+        MultiTaskDetector(val_metric="dice")
     assert len(MultiTaskDetector(**{"tasks.train_count": 2}).combinations()) == 10
     assert len(MultiTaskDetector(**{"tasks.train_count": 2, "max_models": 4}).combinations()) == 4
 
@@ -175,6 +179,9 @@ def fitted(tmp_path_factory):
 def test_fit_predict_members_and_validation_state(fitted):
     det, ds, work = fitted
     assert len(det.models) == 2
+    from medanomaly.methods.multitask.detector import _HealthyPool
+
+    assert det.label_sigma_effective == pytest.approx(0.2 * _HealthyPool.from_dataset(ds).foreground_std())
     table = det.validation_table()
     assert [m["name"] for m in table] == [c.name for c in det.combinations()]
     for m in table:
@@ -254,13 +261,36 @@ def test_batches_do_not_depend_on_workers():
 
 def test_fit_3d_and_bad_input():
     ds = make_toy_dataset(6, 16, 3, seed=0)
-    det = _tiny(**{"tasks.names": ["sink", "source", "smooth-intensity"], "tasks.train_count": 2, "max_models": 1})
+    det = _tiny(**{"tasks.names": ["sink", "source", "smooth-intensity"], "tasks.train_count": 2, "max_models": 1,
+                   "val_metric": "ap", "tasks.label_sigma_units": "absolute"})
     det.params["predict"]["roi_size"] = [12, 12, 12]
     det.fit(ds)
-    assert det.params["spatial_dims"] == 3
+    assert det.params["spatial_dims"] == 3 and det.label_sigma_effective == pytest.approx(0.2)
+    assert det.member_info[0]["val_metric"] == "ap" and det.member_info[0]["best_val"] == pytest.approx(
+        max(r["val"] for r in det.train_log if "val" in r))
     r = det.predict(torch.stack([ds[0]["image"]]))
     assert r.pixel_scores.shape == (1, 16, 16, 16) and torch.isfinite(r.pixel_scores).all()
     with pytest.raises(ValueError, match="2D images|3D images|spatial dims"):
         det.predict(torch.rand(1, 1, 16, 16))
     with pytest.raises(ValueError, match="at least 3"):
         _tiny(**{"tasks.names": ["sink", "source", "smooth-intensity"], "tasks.train_count": 1}).fit(make_toy_dataset(2, 16, 2))
+
+
+def test_inter_source_fallback_and_real_data():
+    from medanomaly.methods.multitask import detector as d
+
+    pool2 = d._HealthyPool.from_dataset(make_toy_dataset(6, 16, 2, seed=0))
+    inv = d._inter_source("inverted", pool2, True)
+    assert len(inv) == 6 and np.allclose(inv[0], pool2.images[0].max() + pool2.images[0].min() - pool2.images[0])
+    assert d._inter_source(None, pool2, False) is None
+    with pytest.raises(ValueError, match="inter_source is null"):
+        d._inter_source(None, pool2, True)
+    from medanomaly.data import data_root
+
+    if data_root(required=False) is None:
+        pytest.skip("shared data not available")
+    real = d._inter_source("auto", pool2, True)  # chest X-rays for brain slices
+    assert len(real) == d.INTER_MAX_IMAGES[2] and real[0].ndim == 3 and real[0].shape[0] == 1
+    pool3 = d._HealthyPool.from_dataset(make_toy_dataset(3, 16, 3, seed=0))
+    vols = d._inter_source("auto", pool3, True)  # extruded into volumes
+    assert len(vols) == d.INTER_MAX_IMAGES[3] and vols[0].ndim == 4 and vols[0].shape[1] == vols[0].shape[-1]

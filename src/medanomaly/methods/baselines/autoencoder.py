@@ -47,9 +47,9 @@ class AutoencoderDetector(Detector):
     name: ClassVar[str] = "autoencoder"
     spatial_dims_supported: ClassVar[tuple[int, ...]] = (2, 3)
     defaults: ClassVar[dict[str, Any]] = {
-        "channels": [16, 32, 64, 16],
-        "strides": [2, 2, 2, 2],
-        "num_res_units": 1,
+        "channels": [32, 64, 64, 16],
+        "strides": [2, 2, 2, 1],
+        "num_res_units": 0,
         "norm": "instance",
         "dropout": 0.0,
         "loss": "l1",  # l1 | l2, also the residual of the map
@@ -64,7 +64,7 @@ class AutoencoderDetector(Detector):
         "device": "auto",
         "train": {
             "steps": 2000,
-            "lr": 1e-3,
+            "lr": 2e-3,
             "weight_decay": 1e-5,
             "betas": [0.9, 0.999],
             "warmup_steps": 50,

@@ -97,10 +97,20 @@ def synth_task(name: str, params: dict[str, Any] | None = None) -> SynthFn:
     return run
 
 
-def apply_synth(fn: Callable[..., tuple[np.ndarray, np.ndarray]], x: torch.Tensor, fg: torch.Tensor,
-                rng: np.random.Generator) -> torch.Tensor:
-    """Apply a synth function to every image of a batch (B, C, *S); foreground (B, 1, *S)."""
-    out = [torch.from_numpy(np.ascontiguousarray(fn(x[i].numpy(), fg[i, 0].numpy(), rng)[0])) for i in range(x.shape[0])]
+def apply_synth(fn: SynthFn, x: torch.Tensor, fg: torch.Tensor, rng: np.random.Generator, tries: int = 5) -> torch.Tensor:
+    """Apply a synth function to every image of a batch (B, C, *S); foreground (B, 1, *S).
+
+    A draw that changed nothing (empty mask, e.g. a box outside the anatomy) is redrawn up to ``tries`` times, so
+    that images labelled 'synthetic anomaly' carry one.
+    """
+    out = []
+    for i in range(x.shape[0]):
+        img, fgi = x[i].numpy(), fg[i, 0].numpy()
+        for _ in range(tries):
+            new, mask = fn(img, fgi, rng)
+            if mask.any():
+                break
+        out.append(torch.from_numpy(np.ascontiguousarray(new)))
     return torch.stack(out).to(x.dtype)
 
 

@@ -283,7 +283,6 @@ class MultiTaskDetector(Detector):
                 sc = net.predict_scores(x, roi_size=roi, sw_batch_size=int(pp["sw_batch_size"]), overlap=float(pp["overlap"]),
                                         progress=not self.quiet and roi is not None)
                 maps.append(sc[:, 0].float().cpu())
-            net.to("cpu")
             mp = torch.cat(maps)
             total += mp
             if members is not None:
