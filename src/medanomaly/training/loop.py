@@ -227,6 +227,8 @@ class _DDP(nn.parallel.DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # not set yet (during __init__): no recursion
+                raise
             return getattr(self.module, name)
 
 
@@ -311,7 +313,9 @@ def train_model(
     train_net: nn.Module = model
     if distributed:
         if cfg.ddp_sync == "ddp":
-            kw: dict[str, Any] = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            kw: dict[str, Any] = {}
+            if device.type == "cuda":
+                kw["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
             train_net = _DDP(model, **kw)
         else:  # same starting weights on every rank
             import torch.distributed as dist
