@@ -3,7 +3,8 @@
 FLAIR lesions are bright, so "score = normalised intensity inside the foreground" already localises part of them.
 Scored sets (no training, nothing tuned):
 
-- ``lgg-flair-2d`` test split (20 patients, preset brain-mri-2d, 160 x 160 by default);
+- ``lgg-flair-2d`` test split (20 patients, preset brain-mri-2d, 160 x 160 by default; foreground = the unsupervised
+  brain mask by default, ``--lgg-foreground head`` for the whole head as before);
 - ``brats2018-3d`` FLAIR, all 10 cases as 3D volumes (preset brain-mri-3d: RAS, 2 mm, 96 x 128 x 128), with
   slice-level scores from the axial slices of those volumes;
 - ``brats2018-3d`` FLAIR as 2D slices (``view="slices"``, brain-mri-2d at 160 x 160).
@@ -12,6 +13,7 @@ Printed: pixel metrics over foreground voxels (AP, AUROC, best DICE, per-case DI
 sample metrics (AP/AUROC) with max / mean / top-1 % reductions of each slice's map over its foreground.
 
     OMP_NUM_THREADS=1 python benchmarks/trivial_baselines.py [--size 160] [--json out.json] [--quiet]
+        [--lgg-foreground brain|head] [--min-brain-fraction 0.01] [--skip lgg brats3d brats2d]
 """
 
 from __future__ import annotations
@@ -88,12 +90,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160, help="2D slice size (brain-mri-2d)")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--lgg-foreground", default="brain", choices=["brain", "head"], help="LGG foreground mask")
+    ap.add_argument("--min-brain-fraction", type=float, default=None,
+                    help="LGG with the brain foreground: drop slices whose brain mask covers less (preset default 0.01)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["lgg", "brats3d", "brats2d"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
+    lgg_kw: dict[str, Any] = {"foreground": args.lgg_foreground}
+    if args.min_brain_fraction is not None:
+        lgg_kw["min_brain_fraction"] = args.min_brain_fraction
     sets = [
-        ("lgg", "lgg-flair-2d test", lambda: load_dataset("lgg-flair-2d", "test", size=args.size, quiet=args.quiet)),
+        ("lgg", f"lgg-flair-2d test ({args.lgg_foreground} foreground)",
+         lambda: load_dataset("lgg-flair-2d", "test", size=args.size, quiet=args.quiet, **lgg_kw)),
         ("brats3d", "brats2018-3d FLAIR volumes (2 mm)", lambda: load_dataset("brats2018-3d", "test")),
         ("brats2d", "brats2018-3d FLAIR slices", lambda: load_dataset("brats2018-3d", "test", view="slices", size=args.size,
                                                                        quiet=args.quiet)),

@@ -126,6 +126,8 @@ def _lgg(split: str, normal_only: bool, preset: Any, size: int | None, max_cases
     splits["all"] = sorted(p for s in ("train", "val", "test") for p in splits.get(s, []))
     _check_split(split, sorted(splits), "lgg-flair-2d")
     patients = splits[split][:max_cases] if max_cases else splits[split]
+    if preset is None:
+        pp = {"foreground": "brain", **pp}  # not skull-stripped: score over the brain, not the scalp (issue 2)
     pre = _make_preset(preset, "brain-mri-2d", size=size, **pp)
     cases = [(pid, partial(_load_lgg, folder / "volumes" / f"{pid}.npz")) for pid in patients]
     return SliceDataset(cases, pre, normal_only=normal_only, name="lgg-flair-2d", cache_size=cache_size, quiet=quiet)
