@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 
 def _load(split: str, size: int, normal_only: bool) -> object:
@@ -37,6 +38,9 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     cls = get_method_class(args.method)
     params = cls.config_set(args.config)
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        params[key] = yaml.safe_load(value)
     if args.reuse:
         params["reuse"] = {"run_dir": args.reuse, "modules": args.reuse_modules.split(",")}
     det = cls(**params)
@@ -133,6 +137,7 @@ def main() -> None:
     t.add_argument("--reuse", default="")
     t.add_argument("--reuse-modules", default="tokenizer")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--set", nargs="*", default=[], help="parameter overrides key=value (dotted keys, YAML values)")
     e = sub.add_parser("eval")
     e.add_argument("out")
     e.add_argument("runs", nargs="+", help="label=run_dir")

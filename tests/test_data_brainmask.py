@@ -96,6 +96,8 @@ def test_lgg_default_brain_foreground():
     head = load_dataset("lgg-flair-2d", "val", max_cases=1, size=64, foreground="head")
     ds = load_dataset("lgg-flair-2d", "val", max_cases=1, size=64)
     assert ds.preset_obj.params["foreground"] == "brain"
+    named = load_dataset("lgg-flair-2d", "val", max_cases=1, size=64, preset="brain-mri-2d")
+    assert named.preset_obj.params["foreground"] == "brain" and len(named) == len(ds)
     assert len(ds) <= len(head) and (ds.labels == 1).sum() == (head.labels == 1).sum()  # no tumour slice lost
     mid = len(ds) // 2
     b, h = ds[mid]["foreground"], head[mid]["foreground"]

@@ -6,11 +6,16 @@ and ``<cwd>/../shared/data`` are tried. Built-in datasets (see ``list_datasets()
 ``lgg-flair-2d``
     TCGA-LGG FLAIR slices (80 patients, per-patient ``.npz``), patient split from ``splits.json`` (train 50, val 10,
     test 20; ``split="all"`` for all). Slice label = any tumour voxel in the original slice. Preset ``brain-mri-2d``
-    (size 160 by default). Slices whose brain/head foreground covers < 10 % of the 160 x 160 output
-    (``min_fg_fraction=0.10``) are dropped from EVERY split (the near-empty end slices of each volume: 150 of 2847
-    slices -- train 99, val 12, test 39 -- none with tumour); the filter reads only the image. Kept: train 1606
-    slices (627 with tumour, 979 empty-mask), val 314 (100 / 214), test 777 (282 / 495). ``normal_only=True``: the
-    empty-mask slices. Note: the LGG slices are not skull-stripped, so the foreground is the head, not the brain.
+    (size 160 by default) with ``foreground="brain"`` by default: the slices are not skull-stripped, so the
+    foreground is the unsupervised brain mask of :func:`medanomaly.data.preprocess.brain_mask` (computed per
+    volume from the image only); the clip percentile, zeroed background and every method's pixel metrics use it.
+    ``foreground="head"`` gives the former whole-head foreground. Slice filter (reads only the image): the head
+    covers >= 10 % of the 160 x 160 output (``min_fg_fraction=0.10``: drops the near-empty end slices, 150 of 2847,
+    none with tumour) and the brain mask covers >= 1 % (``min_brain_fraction=0.01``: drops 292 more slices below or
+    above the brain -- face, neck, noise -- one of them with tumour: test TCGA_DU_8166, array index 30 of 36, a noisy top slice).
+    Kept (brain): train 1436 slices (627 with tumour, 809 empty-mask), val 286 (100 / 186), test 683 (281 / 402);
+    (head: train 1606 (627 / 979), val 314 (100 / 214), test 777 (282 / 495)). ``normal_only=True``: the
+    empty-mask slices.
 ``brats2018-3d``
     10 BraTS 2018 cases, ``modality="flair"`` (default) or ``"t1"``, whole-tumour mask ``GT_W``. All 10 cases form
     the ``test`` split (``"all"`` is the same); there is no training split (every case has a tumour).
@@ -20,6 +25,9 @@ and ``<cwd>/../shared/data`` are tried. Built-in datasets (see ``list_datasets()
 ``ixi-t1-3d``
     40 healthy IXI T1 volumes (2 mm, PSR, not skull-stripped). Split by sorted subject id: ``train`` = first 32,
     ``val`` = last 8. Same views and presets as BraTS, so after the preset both are RAS, 2 mm, same size.
+    Foreground: the head (default). ``foreground="brain"`` applies the unsupervised brain mask; on T1 it strips
+    the skull well from the orbits up, but these volumes reach down to the neck and there the mask follows the
+    brainstem into neck and face tissue, so it is not the default.
 ``pneumoniamnist``
     28 x 28 chest X-rays. ``train`` = the 1214 normal train images (aksufatih copy), ``train-pneumonia`` = the 3494
     pneumonia train images (varun19424 copy), ``val`` = varun19424 val (135 N + 389 P), ``test`` = varun19424 test
@@ -126,7 +134,7 @@ def _lgg(split: str, normal_only: bool, preset: Any, size: int | None, max_cases
     splits["all"] = sorted(p for s in ("train", "val", "test") for p in splits.get(s, []))
     _check_split(split, sorted(splits), "lgg-flair-2d")
     patients = splits[split][:max_cases] if max_cases else splits[split]
-    if preset is None:
+    if preset is None or (isinstance(preset, str) and preset == "brain-mri-2d"):
         pp = {"foreground": "brain", **pp}  # not skull-stripped: score over the brain, not the scalp (issue 2)
     pre = _make_preset(preset, "brain-mri-2d", size=size, **pp)
     cases = [(pid, partial(_load_lgg, folder / "volumes" / f"{pid}.npz")) for pid in patients]
