@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 #: the method, data and configuration ``medanomaly demo`` trains; change these to switch the demo
-DEMO_METHOD = "autoencoder"
+DEMO_METHOD = "multitask"
 DEMO_DATA = "lgg-flair-2d"
 DEMO_CONFIG_SET = "cpu-small"
 #: parameter overrides on top of the demo's config set (dotted keys allowed)
