@@ -61,3 +61,13 @@ def test_array_dataset_rejects_bad_input():
         ArrayDataset(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="masks shape"):
         ArrayDataset(np.zeros((2, 1, 4, 4)), masks=np.zeros((2, 1, 4, 5)))
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+
+    p = tmp_path / "y.txt"
+    atomic_write_text(p, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
