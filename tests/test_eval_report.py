@@ -47,7 +47,7 @@ def test_write_report_toy(tmp_path: Path, spatial_dims: int) -> None:
     saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert saved["pixel_ap"] == pytest.approx(pm["ap"]) and saved["undefined"] is None
     assert json.loads((tmp_path / "rep" / "settings.json").read_text())["method"] == "intensity"
-    _check_page(page, {"curves_pixel.png", "curves_sample.png", "cases.png"})
+    _check_page(page, {"curves_pixel.png", "curves_sample.png", "cases.png", "healthy.png"})  # healthy: label-0 images given
     text = page.read_text()
     assert "toy &lt;test&gt;" in text and "seconds_per_image" in text and "intensity" in text
 

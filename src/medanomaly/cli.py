@@ -161,11 +161,14 @@ def evaluate(
 
 @app.command()
 def benchmark(
-    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated method names.")],
-    data: Annotated[str, typer.Option("--data", "-d", help="Dataset name or manifest.")],
+    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated method names or LABEL=METHOD variants.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Dataset name (with options: NAME:key=value,...) or manifest.")],
     config_set: Annotated[str | None, typer.Option("--config-set", help="cpu-small | paper.")] = "cpu-small",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (runs/, eval/, comparison.*).")] = Path("benchmark"),
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    train_data: Annotated[str | None, typer.Option("--train-data", help="Train on these data instead of --data.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="LABEL.key=value for one method (repeatable).")] = None,
+    share: Annotated[bool, typer.Option("--share/--no-share", help="Share tokenizer / pre-trained MAE within a family.")] = True,
     seed: Annotated[int | None, typer.Option(help="Random seed for every method.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for the preset (default: the dataset's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
@@ -174,19 +177,27 @@ def benchmark(
 ) -> None:
     """Train (or reuse) and evaluate several methods on the same split; write one comparison table.
 
-    Finished runs in OUT/runs/<method> trained with the same settings are reused.
+    Finished runs in OUT/runs/<label> trained with the same settings are reused. Within the MIM family the
+    first method trains the VQ-VAE the others reuse; within the MAE family `mae` pre-trains the MAE the others
+    start from (--no-share: each trains its own).
 
     Examples:
 
         medanomaly benchmark --methods intensity,autoencoder --data lgg-flair-2d --size 64
 
-        medanomaly benchmark -m intensity,autoencoder -d lgg-flair-2d --config-set paper --out bench-paper
+        medanomaly benchmark -m mim-ood,mim-ood-r8=mim-ood,ar-restoration,token-critic -d lgg-flair-2d --size 64 \\
+            --set mim-ood-r8.restoration.R=8
+
+        medanomaly benchmark -m intensity,multitask --train-data ixi-t1-3d:spacing=6 -d brats2018-3d:modality=t1
     """
     from medanomaly import pipeline
 
     with _errors():
-        rows = pipeline.run_benchmark(methods.split(","), data, out, config_set=config_set, split=split, seed=seed, size=size,
-                                      batch_size=batch_size, force=force, quiet=quiet)
+        labels = [lab for lab, _ in pipeline.parse_benchmark_methods(methods.split(","))]
+        overrides = pipeline.parse_benchmark_overrides(sets, labels)
+        rows = pipeline.run_benchmark(methods.split(","), data, out, config_set=config_set, overrides=overrides,
+                                      split=split, train_data=train_data, seed=seed, size=size, batch_size=batch_size,
+                                      share=share, force=force, quiet=quiet)
         for r in rows:
             typer.echo("  ".join(f"{k}={_fmt(r.get(k))}" for k in ("method", "pixel_ap", "best_dice", "sample_auroc",
                                                                    "seconds_per_image")))

@@ -605,6 +605,9 @@ def evaluate_run(
 
     scores, masks, fgs, images = [], [], [], []
     img_scores, labels, has_mask, case_ids, slice_idx = [], [], [], [], []
+    # the method's healthy-looking images (AnomalyResult.extras["restoration"]), for the report only
+    restorations: list[np.ndarray] | None = [] if report and out is not None else None
+    rest_bytes, rest_note = 0, ""
     predict_seconds, n_batches = 0.0, 0
     cuda = torch.cuda.is_available()
     t_wall = time.perf_counter()
@@ -623,6 +626,22 @@ def evaluate_run(
                     f"{cfg['method']}: pixel scores {tuple(ps.shape)} do not match images {tuple(batch['image'].shape)}"
                 )
             scores.append(ps.numpy().astype(np.float32))
+            if restorations is not None:
+                r = res.extras.get("restoration")
+                r = r.detach().float().cpu() if isinstance(r, torch.Tensor) else None
+                if r is not None and r.ndim == ps.ndim + 1:
+                    r = r[:, 0]  # (B, C, *S) -> channel 0
+                if r is None:  # a method without one (intensity, multitask): nothing to note
+                    restorations = None
+                elif tuple(r.shape) != tuple(ps.shape):
+                    rest_note = f"extras['restoration'] has shape {tuple(r.shape)}, not the maps' {tuple(ps.shape)}"
+                    restorations = None
+                elif rest_bytes + r.numel() * 4 > 1 << 30:
+                    rest_note = "restorations not kept: over 1 GB for this split"
+                    restorations = None
+                else:
+                    restorations.append(r.numpy().astype(np.float32))
+                    rest_bytes += r.numel() * 4
             masks.append(batch["mask"][:, 0].numpy())
             fgs.append(batch["foreground"][:, 0].numpy())
             images.append(batch["image"].numpy().astype(np.float32))
@@ -699,8 +718,21 @@ def evaluate_run(
                 "seed": (cfg.get("train") or {}).get("seed"),
                 "batch_size": batch_size,
             }
+            if rest_note:
+                settings["restorations"] = f"not shown: {rest_note}"
+            train_log, log_path = None, Path(run) / "train_log.jsonl"
+            if log_path.is_file():
+                train_log = []
+                for line in log_path.read_text(errors="replace").splitlines():
+                    try:
+                        rec = json.loads(line) if line.strip() else None
+                    except json.JSONDecodeError:
+                        rec = None
+                    if isinstance(rec, dict):
+                        train_log.append(rec)
             path = _write_report(out_dir, metrics, settings, images=np.concatenate(images), scores=S, masks=M,
-                                 foreground=F, image_scores=IS, labels=L, has_mask=HM, case_ids=case_ids)
+                                 foreground=F, image_scores=IS, labels=L, has_mask=HM, case_ids=case_ids,
+                                 restorations=np.concatenate(restorations) if restorations else None, train_log=train_log)
             metrics["report"] = str(path)
             atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
         say(f"metrics: {out_dir / 'metrics.json'}" + (f"\nreport:  {metrics['report']}" if metrics.get("report") else ""))
@@ -708,20 +740,141 @@ def evaluate_run(
 
 
 def _write_report(out_dir: Path, metrics: dict[str, Any], settings: dict[str, Any], **arrays: Any) -> Path:
-    """The HTML page (metric table, PR/ROC curves, best/median/worst cases) by the evaluation report module."""
+    """The HTML page (metric table, PR/ROC curves, best/median/worst cases with restorations, healthy images,
+    training curves) by the evaluation report module. Without any lesion mask the maps still go in (healthy grid)."""
     from medanomaly.evaluation.report import write_report
 
     has_mask = arrays.pop("has_mask")
     sel = has_mask.astype(bool)
-    kw: dict[str, Any] = {"sample_scores": arrays["image_scores"], "sample_labels": arrays["labels"]}
+    rest = arrays.get("restorations")
+    kw: dict[str, Any] = {"sample_scores": arrays["image_scores"], "sample_labels": arrays["labels"],
+                          "train_log": arrays.get("train_log")}
     if sel.any():
         kw.update(scores=arrays["scores"][sel], masks=arrays["masks"][sel], images=arrays["images"][sel],
-                  foreground=arrays["foreground"][sel], case_ids=[c for c, k in zip(arrays["case_ids"], sel, strict=True) if k])
+                  foreground=arrays["foreground"][sel], case_ids=[c for c, k in zip(arrays["case_ids"], sel, strict=True) if k],
+                  restorations=rest[sel] if rest is not None else None)
+    else:
+        kw.update(scores=arrays["scores"], images=arrays["images"], foreground=arrays["foreground"],
+                  case_ids=list(arrays["case_ids"]), restorations=rest)
     title = f"medanomaly: {metrics.get('method')} on {metrics.get('data')} ({metrics.get('split')})"
     return Path(write_report(out_dir, metrics, title=title, settings=settings, **kw))
 
 
 # -- benchmark --------------------------------------------------------------------------------------
+MIM_FAMILY = ("mim-ood", "ar-restoration", "token-critic")
+MAE_FAMILY = ("mae", "amae", "mae-pseudo")
+# modules each MIM-family method trains (the order of ``reuse.modules``)
+_MIM_MODULES = {"mim-ood": ["tokenizer", "mvtm", "atd"], "ar-restoration": ["tokenizer", "ar"],
+                "token-critic": ["tokenizer", "mvtm", "critic"]}
+_TOKENIZER_KEYS = ("tokenizer", "tokenizer_train", "augment", "seed")
+_MVTM_KEYS = ("transformer", "transformer_train", "masks", "seed")
+_MAE_KEYS = ("mae", "pretrain", "seed")
+
+
+def parse_benchmark_methods(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["intensity", "mim-ood-r8=mim-ood"]`` -> ``[(label, method), ...]``; a label names a variant's run."""
+    from medanomaly.methods import get_method_class
+
+    out: list[tuple[str, str]] = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        label, eq, method = item.partition("=")
+        label, method = label.strip(), (method.strip() if eq else label.strip())
+        if not label or not method or "/" in label or label.startswith("."):
+            raise PipelineError(f"--methods: '{item}' is not NAME or LABEL=NAME")
+        get_method_class(method)  # unknown method: fails before any training
+        out.append((label, method))
+    if not out:
+        raise PipelineError("--methods is empty; give a comma-separated list, e.g. intensity,autoencoder")
+    labels = [lab for lab, _ in out]
+    if len(set(labels)) != len(labels):
+        raise PipelineError(f"--methods lists a label twice: {','.join(labels)} (name variants LABEL=METHOD)")
+    return out
+
+
+def parse_benchmark_overrides(items: Sequence[str] | None, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["mim-ood-r8.restoration.R=8"]`` -> ``{"mim-ood-r8": {"restoration.R": 8}}``; the first part is a label."""
+    flat = parse_overrides(items)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        label = next((lab for lab in sorted(labels, key=len, reverse=True) if key.startswith(lab + ".")), None)
+        if label is None:
+            raise PipelineError(f"--set {key}: must start with one of the labels in --methods ({', '.join(labels)}), "
+                                "e.g. --set mim-ood.restoration.R=8")
+        out.setdefault(label, {})[key[len(label) + 1:]] = value
+    return out
+
+
+def _same_keys(a: dict[str, Any], b: dict[str, Any], keys: Sequence[str]) -> bool:
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _strip(p: dict[str, Any]) -> dict[str, Any]:
+    """Training-relevant parameters: all but the inference-time ``restoration`` and the ``reuse`` source."""
+    return {k: v for k, v in p.items() if k not in ("restoration", "reuse")}
+
+
+def plan_sharing(
+    entries: Sequence[tuple[str, str]], params: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]],
+    runs_dir: Path,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Which runs start from another run's trained parts, as in the papers' comparisons.
+
+    - MIM family: the first of ``mim-ood``/``ar-restoration``/``token-critic`` listed trains the VQ-VAE; the others
+      reuse it (``reuse.run_dir``) when their tokenizer settings are equal. ``token-critic`` also reuses an earlier
+      ``mim-ood``'s MVTM when the transformer settings are equal (the paper's MVTM + Token Critic baseline). A
+      variant of an earlier-listed method that differs from it only in ``restoration.*`` reuses every trained
+      module of it (an inference-only variant, e.g. R = 8).
+    - MAE family: ``mae`` (or else the first of ``amae``/``mae-pseudo``) pre-trains the MAE; the others start
+      from it (``pretrained``) when their MAE settings are equal.
+
+    A label whose overrides already set ``reuse``/``pretrained`` is left alone. Returns (extra overrides per
+    label, a note per label) -- the notes go into the comparison table.
+    """
+    extra: dict[str, dict[str, Any]] = {}
+    notes: dict[str, str] = {}
+    own = {lab: overrides.get(lab) or {} for lab, _ in entries}
+    first_of: dict[str, tuple[str, str]] = {}
+    for lab, m in entries:
+        if m in MIM_FAMILY:
+            src = first_of.setdefault("mim", (lab, m))
+            if src[0] == lab or any(k.startswith("reuse") for k in own[lab]):
+                continue
+            p = params[lab]
+            twin = next((lb for lb, mm in entries[: entries.index((lab, m))] if mm == m), None)
+            if twin is not None and _strip(p) == _strip(params[twin]):
+                extra[lab] = {"reuse.run_dir": str(runs_dir / twin), "reuse.modules": list(_MIM_MODULES[m])}
+                notes[lab] = f"{', '.join(_MIM_MODULES[m])} from {twin}"
+                continue
+            slab = src[0]
+            if not _same_keys(p, params[slab], _TOKENIZER_KEYS):
+                notes[lab] = f"own tokenizer (settings differ from {slab})"
+                continue
+            modules = ["tokenizer"]
+            if m == "token-critic":
+                mv = next((lb for lb, mm in entries[: entries.index((lab, m))] if mm == "mim-ood"
+                           and _same_keys(p, params[lb], _MVTM_KEYS + _TOKENIZER_KEYS)), None)
+                if mv is not None:
+                    slab, modules = mv, ["tokenizer", "mvtm"]
+            extra[lab] = {"reuse.run_dir": str(runs_dir / slab), "reuse.modules": modules}
+            notes[lab] = f"{', '.join(modules)} from {slab}"
+        elif m in MAE_FAMILY:
+            if "mae" not in first_of:
+                mae_lab = next((lb for lb, mm in entries if mm == "mae"), None)
+                first_of["mae"] = (mae_lab, "mae") if mae_lab else (lab, m)
+            slab, _ = first_of["mae"]
+            if slab == lab or "pretrained" in own[lab]:
+                continue
+            if not _same_keys(params[lab], params[slab], _MAE_KEYS):
+                notes[lab] = f"own MAE pre-training (settings differ from {slab})"
+                continue
+            extra[lab] = {"pretrained": str(runs_dir / slab)}
+            notes[lab] = f"pre-trained MAE from {slab}"
+    return extra, notes
+
+
 def run_benchmark(
     methods: Sequence[str],
     data: Any,
@@ -731,82 +884,110 @@ def run_benchmark(
     overrides: dict[str, dict[str, Any]] | None = None,
     split: str = "test",
     train_split: str = "train",
+    train_data: Any = None,
     seed: int | None = None,
     size: Any = None,
     batch_size: int = 16,
+    share: bool = True,
     force: bool = False,
     quiet: bool = False,
     echo: Echo | None = None,
 ) -> list[dict[str, Any]]:
-    """Train (or reuse finished runs under ``out/runs/<method>``) and evaluate each method on the same split.
+    """Train (or reuse finished runs under ``out/runs/<label>``) and evaluate each method on the same split.
 
-    Writes ``out/eval/<method>/`` per method and one comparison table (Markdown, CSV, HTML) in ``out``. A
-    finished run is reused only when it was trained with the same method, data and config set; ``force``
-    retrains everything.
+    ``methods``: names or ``LABEL=METHOD`` variants (``mim-ood-r8=mim-ood``); ``overrides``: parameters per label.
+    ``train_data``: train on other data than ``data`` (e.g. healthy IXI, test on BraTS); default: ``data``.
+    ``share``: runs start from the trained parts of others where the papers share them (see
+    :func:`plan_sharing`); those parts are trained first. Writes ``out/eval/<label>/`` per method and one
+    comparison table (Markdown, CSV, HTML) in ``out``. A finished run is reused only when it was trained with the
+    same method, data, config set and overrides; ``force`` retrains everything.
     """
     say = _echo(quiet, echo)
-    methods = [m.strip() for m in methods if m.strip()]
-    if not methods:
-        raise PipelineError("--methods is empty; give a comma-separated list, e.g. intensity,autoencoder")
-    if len(set(methods)) != len(methods):
-        raise PipelineError(f"--methods lists a method twice: {','.join(methods)}")
+    entries = parse_benchmark_methods(methods)
     from medanomaly.methods import get_method_class
 
-    for m in methods:  # fail before any training on a typo
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    unknown = sorted(set(overrides) - {lab for lab, _ in entries})
+    if unknown:
+        raise PipelineError(f"overrides for {unknown}, which --methods does not list")
+    params: dict[str, dict[str, Any]] = {}
+    for lab, m in entries:  # fail before any training on a typo
         cls = get_method_class(m)
         if config_set and config_set not in cls.config_sets():
             avail = ", ".join(cls.config_sets()) or "(none)"
             raise PipelineError(f"method '{m}' has no config set '{config_set}'; available: {avail}")
+        try:
+            params[lab] = resolve_config(m, config_set=config_set, overrides=overrides.get(lab))[0]
+        except KeyError as e:
+            raise PipelineError(f"--set for '{lab}': {e.args[0] if e.args else e}") from e
     out = Path(out)
-    rows: list[dict[str, Any]] = []
-    for m in methods:
-        run_dir = out / "runs" / m
+    train_data = data if train_data is None else train_data
+    extra, notes = plan_sharing(entries, params, overrides, out / "runs") if share else ({}, {})
+    sources = {Path(v).name for ov in extra.values() for k, v in ov.items() if k in ("reuse.run_dir", "pretrained")}
+    order = [e for e in entries if e[0] in sources] + [e for e in entries if e[0] not in sources]
+    results: dict[str, dict[str, Any]] = {}
+    for lab, m in order:
+        run_dir = out / "runs" / lab
+        ov = {**overrides.get(lab, {}), **extra.get(lab, {})}
         reused = False
         if is_finished_run(run_dir) and not force:
             cfg = read_run_config(run_dir)
             same = (
                 cfg.get("method") == m
                 and (cfg.get("train") or {}).get("config_set") == config_set
-                and (cfg.get("data") or {}).get("name") == _data_name(data)
-                and (cfg.get("train") or {}).get("overrides", {}) == ((overrides or {}).get(m) or {})
+                and (cfg.get("data") or {}).get("name") == _data_name(train_data)
+                and (cfg.get("train") or {}).get("overrides", {}) == json.loads(json.dumps(ov, default=str))
                 and (size is None or (cfg.get("data") or {}).get("size") == size)
             )
             if not same:
                 raise PipelineError(
-                    f"{run_dir} holds a run trained with other settings (method/data/config set); use --force to retrain"
+                    f"{run_dir} holds a run trained with other settings (method/data/config set/overrides); "
+                    "use --force to retrain"
                 )
             reused = True
-            say(f"[{m}] reusing the finished run in {run_dir}")
+            say(f"[{lab}] reusing the finished run in {run_dir}")
         else:
-            say(f"[{m}] training ...")
-            train_run(m, data, run_dir, split=train_split, config_set=config_set, overrides=(overrides or {}).get(m),
+            say(f"[{lab}] training {m}" + (f" ({notes[lab]})" if lab in notes else "") + " ...")
+            train_run(m, train_data, run_dir, split=train_split, config_set=config_set, overrides=ov or None,
                       seed=seed, size=size, resume=True, force=force, quiet=quiet, echo=echo)
-        say(f"[{m}] evaluating on '{split}' ...")
-        metrics = evaluate_run(run_dir, data, out / "eval" / m, split=split, batch_size=batch_size, force=True,
+        say(f"[{lab}] evaluating on '{split}' ...")
+        metrics = evaluate_run(run_dir, data, out / "eval" / lab, split=split, batch_size=batch_size, force=True,
                                quiet=quiet, echo=echo)
-        rows.append(
-            {
-                "method": m,
-                "config_set": config_set,
-                "pixel_ap": metrics["pixel_ap"],
-                "pixel_auroc": metrics["pixel_auroc"],
-                "best_dice": metrics["best_dice"],
-                "sample_ap": metrics["sample_ap"],
-                "sample_auroc": metrics["sample_auroc"],
-                "train_seconds": metrics.get("train_seconds"),
-                "seconds_per_image": metrics["seconds_per_image"],
-                "device": metrics["device"],
-                "n_test": metrics["n_images"],
-                "reused_run": reused,
-                "report": str(Path("eval") / m / "report.html"),
-            }
-        )
+        results[lab] = {
+            "method": lab,
+            "base_method": m,
+            "config_set": config_set,
+            "pixel_ap": metrics["pixel_ap"],
+            "pixel_auroc": metrics["pixel_auroc"],
+            "best_dice": metrics["best_dice"],
+            "sample_ap": metrics["sample_ap"],
+            "sample_auroc": metrics["sample_auroc"],
+            "train_seconds": metrics.get("train_seconds"),
+            "seconds_per_image": metrics["seconds_per_image"],
+            "seconds_per_batch": metrics["seconds_per_batch"],
+            "device": metrics["device"],
+            "n_test": metrics["n_images"],
+            "reused_run": reused,
+            "shares": notes.get(lab, ""),
+            "settings": json.dumps(overrides.get(lab) or {}, sort_keys=True, default=str) if overrides.get(lab) else "",
+            "report": str(Path("eval") / lab / "report.html"),
+        }
+    rows = [results[lab] for lab, _ in entries]
     from medanomaly.evaluation.report import write_comparison_table
 
     write_comparison_table(rows, out)
-    atomic_write_text(out / "benchmark.json", json.dumps({"data": _data_name(data), "split": split, "rows": rows}, indent=1))
+    record = {"data": _data_name(data), "train_data": _data_name(train_data), "split": split, "config_set": config_set,
+              "batch_size": batch_size, "methods": {lab: m for lab, m in entries}, "rows": rows,
+              "versions": _versions()}
+    atomic_write_text(out / "benchmark.json", json.dumps(record, indent=1, default=str))
     say(f"comparison table: {out / 'comparison.md'}")
     return rows
+
+
+def _versions() -> dict[str, str]:
+    from medanomaly.methods.base import library_versions
+
+    return library_versions()
 
 
 # -- demo -------------------------------------------------------------------------------------------

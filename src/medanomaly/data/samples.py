@@ -49,7 +49,7 @@ from medanomaly.data.dataset import ImageDataset, ItemDataset, SliceDataset
 from medanomaly.data.io import Loaded, read_image, read_lgg_npz, read_mask
 from medanomaly.data.preprocess import Preset, get_preset, reorient
 
-__all__ = ["data_root", "load_dataset", "list_datasets", "volume_to_slices", "DATASETS"]
+__all__ = ["data_root", "load_dataset", "parse_data_spec", "list_datasets", "volume_to_slices", "DATASETS"]
 
 ENV = "MEDANOMALY_DATA"
 BASE_3D_SIZE = (96, 128, 128)  # at 2 mm: holds every IXI head and BraTS brain after RAS reorientation
@@ -254,6 +254,46 @@ def list_datasets() -> dict[str, str]:
     return {k: v[1] for k, v in DATASETS.items()}
 
 
+def parse_data_spec(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> (name, options) for built-in names; anything else -> (spec, {}).
+
+    Values are read as YAML scalars (``6`` -> int, ``6.0`` -> float, ``t1`` -> str, ``[2,2,2]`` -> list), so the
+    same options can be written on a command line (``--data brats2018-3d:modality=t1``) and in a config file.
+    """
+    text = str(spec)
+    name, sep, rest = text.partition(":")
+    if not sep or name not in DATASETS:
+        return text, {}
+    import yaml
+
+    opts: dict[str, Any] = {}
+    for part in _split_top_level(rest):
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"data spec {text!r}: options must be key=value separated by commas, got {part!r}")
+        try:
+            opts[k.strip()] = yaml.safe_load(v.strip())
+        except yaml.YAMLError as e:
+            raise ValueError(f"data spec {text!r}: cannot read the value of {k.strip()!r} ({e})") from e
+    return name, opts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets (``spacing=[2,2,2],view=slices`` -> two parts)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[("
+        depth -= ch in "])"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
 def load_dataset(
     name_or_manifest: str | os.PathLike,
     split: str = "train",
@@ -270,11 +310,17 @@ def load_dataset(
     ``size``: output side (2D) or shape (3D) for the preset; ``max_cases``: first N patients/cases (for quick
     runs); ``root``: the data folder (default: located via ``MEDANOMALY_DATA``). Dataset options: ``view``
     ("volumes"/"slices"), ``modality`` (BraTS), ``cache_size``, ``quiet``; any other keyword is a preset parameter
-    (e.g. ``min_fg_fraction=0.2``, ``spacing=1.0``, ``downsample=2``).
+    (e.g. ``min_fg_fraction=0.2``, ``spacing=1.0``, ``downsample=2``). A built-in name may carry options as text,
+    ``"brats2018-3d:modality=t1,spacing=6"`` (see :func:`parse_data_spec`); keywords win over them.
     """
-    key = str(name_or_manifest)
+    key, opts = parse_data_spec(name_or_manifest)
+    size = opts.pop("size", None) if size is None else size
+    max_cases = opts.pop("max_cases", None) if max_cases is None else max_cases
+    preset = opts.pop("preset", None) if preset is None else preset
+    for k in ("size", "max_cases", "preset"):
+        opts.pop(k, None)
     if key in DATASETS:
-        return DATASETS[key][0](split, normal_only, preset, size, max_cases, root, **kw)
+        return DATASETS[key][0](split, normal_only, preset, size, max_cases, root, **{**opts, **kw})
     p = Path(key)
     if p.suffix.lower() in (".csv", ".json"):
         from medanomaly.data.manifest import load_manifest_dataset

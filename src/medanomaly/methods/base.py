@@ -67,6 +67,11 @@ class AnomalyResult:
     pixel_scores: (B, *spatial) float tensor, the input's spatial shape, higher = more anomalous.
     image_scores: (B,) float tensor, one score per image/volume.
     extras: anything else a method wants to expose (restorations, token scores, reconstructions ...).
+
+    Convention: ``extras["restoration"]`` is the healthy-looking image the method compares the input against (a
+    restoration or mean reconstruction), a float tensor (B, C, *spatial) or (B, *spatial) at the input's spatial
+    size and intensity scale; every method that has one returns it (autoencoder, mae, mae-pseudo, amae, mim-ood,
+    ar-restoration, token-critic). Evaluation reports show it beside the input and the map.
     """
 
     pixel_scores: torch.Tensor

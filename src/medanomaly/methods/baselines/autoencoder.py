@@ -207,7 +207,8 @@ class AutoencoderDetector(Detector):
         fg = foreground_or_ones(images, foreground).cpu()
         m = torch.where(fg, m, torch.zeros_like(m)).float()
         scores = image_scores(m, fg, self.params["image_score"], self.params["topk_fraction"])
-        return AnomalyResult(pixel_scores=m, image_scores=scores, extras={"reconstruction": torch.cat(recs)})
+        rec = torch.cat(recs)  # the healthy-looking image, at the input size (extras["restoration"] convention)
+        return AnomalyResult(pixel_scores=m, image_scores=scores, extras={"reconstruction": rec, "restoration": rec})
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         assert self.net is not None

@@ -9,6 +9,7 @@ import torch
 
 from medanomaly.methods.base import AnomalyResult, register
 from medanomaly.methods.mae.common import MAE_COMMON_DEFAULTS, MAEFamilyDetector, dataset_tensors
+from medanomaly.nets.mae import resize_to
 
 __all__ = ["MAEDetector"]
 
@@ -43,7 +44,8 @@ class MAEDetector(MAEFamilyDetector):
             maps = maps * fg[:, 0]
         image_scores = image_score(maps, fg, s["image_score"], self._masked_mean)
         out = self._to_input_size(maps, tuple(images.shape[2:]))
-        return AnomalyResult(out.cpu(), image_scores.cpu(), {"reconstructions": rec.cpu()})
+        return AnomalyResult(out.cpu(), image_scores.cpu(), {"reconstructions": rec.cpu(),
+                                                         "restoration": resize_to(rec, tuple(images.shape[2:])).cpu()})
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self._mae_state()

@@ -31,6 +31,7 @@ from medanomaly.methods.mae.common import (
     dataset_tensors,
     synth_task,
 )
+from medanomaly.nets.mae import resize_to
 
 __all__ = ["MAEPseudo", "ResidualClassifier"]
 
@@ -179,7 +180,8 @@ class MAEPseudo(MAEFamilyDetector):
             maps = maps * fg[:, 0]
         out = self._to_input_size(maps.detach(), tuple(images.shape[2:]))
         return AnomalyResult(out.cpu(), margin.cpu(), {"probabilities": prob.cpu(), "reconstructions": rec.cpu(),
-                                                       "residuals": res_map.cpu()})
+                                                       "residuals": res_map.cpu(),
+                                                       "restoration": resize_to(rec, tuple(images.shape[2:])).cpu()})
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         t = self._mae_state("mae.")

@@ -1,0 +1,145 @@
+"""``medanomaly benchmark``: method variants, per-label settings, train/test data, shared tokenizer / MAE."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from medanomaly import pipeline
+from medanomaly.data import make_toy_dataset
+from medanomaly.data.samples import parse_data_spec
+from medanomaly.pipeline import PipelineError, parse_benchmark_methods, parse_benchmark_overrides, plan_sharing
+
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+SIZE = 32
+
+
+def _write_manifest(root: Path, seed: int) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    parts = [("train", make_toy_dataset(16, SIZE, seed=seed)), ("val", make_toy_dataset(4, SIZE, seed=seed + 1)),
+             ("test", make_toy_dataset(8, SIZE, abnormal_fraction=0.5, seed=seed + 2, lesion_intensity=0.5))]
+    for split, ds in parts:
+        for i in range(len(ds)):
+            s = ds[i]
+            name = f"{split}_{i:02d}"
+            Image.fromarray(np.round(s["image"][0].numpy() * 255).astype(np.uint8)).save(root / f"{name}.png")
+            row = {"case_id": name, "image": f"{name}.png", "mask": "", "label": int(s["label"]), "split": split}
+            if split == "test":
+                Image.fromarray((s["mask"][0].numpy() * 255).astype(np.uint8)).save(root / f"{name}_mask.png")
+                row["mask"] = f"{name}_mask.png"
+            rows.append(row)
+    path = root / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+# -- data specs ---------------------------------------------------------------------------------------------
+def test_parse_data_spec() -> None:
+    assert parse_data_spec("brats2018-3d:modality=t1,spacing=6") == ("brats2018-3d", {"modality": "t1", "spacing": 6})
+    assert parse_data_spec("ixi-t1-3d:spacing=[6,6,4.5],view=slices") == (
+        "ixi-t1-3d", {"spacing": [6, 6, 4.5], "view": "slices"})
+    assert parse_data_spec("lgg-flair-2d") == ("lgg-flair-2d", {})
+    assert parse_data_spec("C:/data/manifest.csv") == ("C:/data/manifest.csv", {})  # not a built-in name
+    with pytest.raises(ValueError, match="key=value"):
+        parse_data_spec("brats2018-3d:modality")
+
+
+# -- methods, labels and settings --------------------------------------------------------------------------
+def test_parse_methods_and_overrides() -> None:
+    entries = parse_benchmark_methods(["intensity", " mim-ood-r8=mim-ood ", ""])
+    assert entries == [("intensity", "intensity"), ("mim-ood-r8", "mim-ood")]
+    with pytest.raises(PipelineError, match="twice"):
+        parse_benchmark_methods(["intensity", "intensity"])
+    with pytest.raises(KeyError):
+        parse_benchmark_methods(["no-such-method"])
+    with pytest.raises(PipelineError, match="empty"):
+        parse_benchmark_methods([""])
+    ov = parse_benchmark_overrides(["mim-ood-r8.restoration.R=8", "mim-ood.seed=3"], ["mim-ood", "mim-ood-r8"])
+    assert ov == {"mim-ood-r8": {"restoration.R": 8}, "mim-ood": {"seed": 3}}
+    with pytest.raises(PipelineError, match="labels"):
+        parse_benchmark_overrides(["restoration.R=8"], ["mim-ood"])
+
+
+def _params(entries: list[tuple[str, str]], overrides: dict[str, dict]) -> dict[str, dict]:
+    return {lab: pipeline.resolve_config(m, config_set="test", overrides=overrides.get(lab))[0] for lab, m in entries}
+
+
+def test_plan_sharing_rules(tmp_path: Path) -> None:
+    entries = [("intensity", "intensity"), ("ar", "ar-restoration"), ("mim", "mim-ood"), ("mim8", "mim-ood"),
+               ("tc", "token-critic"), ("amae", "amae"), ("mae", "mae"), ("mp", "mae-pseudo")]
+    ov = {"mim8": {"restoration.R": 8}}
+    extra, notes = plan_sharing(entries, _params(entries, ov), ov, tmp_path)
+    assert "intensity" not in extra and "ar" not in extra  # the first MIM method trains the tokenizer
+    assert extra["mim"] == {"reuse.run_dir": str(tmp_path / "ar"), "reuse.modules": ["tokenizer"]}
+    # an inference-only variant reuses every module of the earlier run of its method
+    assert extra["mim8"] == {"reuse.run_dir": str(tmp_path / "mim"), "reuse.modules": ["tokenizer", "mvtm", "atd"]}
+    assert extra["tc"] == {"reuse.run_dir": str(tmp_path / "mim"), "reuse.modules": ["tokenizer", "mvtm"]}
+    # the MAE comes from 'mae' even though 'amae' is listed first
+    assert extra["amae"] == {"pretrained": str(tmp_path / "mae")} and extra["mp"] == {"pretrained": str(tmp_path / "mae")}
+    assert "mae" not in extra and notes["amae"] == "pre-trained MAE from mae"
+
+    entries = [("mim", "mim-ood"), ("mim8", "mim-ood"), ("mimw", "mim-ood"), ("ar", "ar-restoration")]
+    ov = {"mim8": {"restoration.R": 8}, "mimw": {"tokenizer.num_embeddings": 8}, "ar": {"reuse.run_dir": "/x"}}
+    extra, notes = plan_sharing(entries, _params(entries, ov), ov, tmp_path)
+    assert extra["mim8"]["reuse.modules"] == ["tokenizer", "mvtm", "atd"]
+    assert "mimw" not in extra and "settings differ" in notes["mimw"]  # a new tokenizer: trains its own
+    assert "ar" not in extra  # the user's own reuse wins
+
+
+@pytest.mark.slow
+def test_benchmark_variants_sharing_and_train_data(tmp_path: Path) -> None:
+    train_m = _write_manifest(tmp_path / "a", seed=1)
+    test_m = _write_manifest(tmp_path / "b", seed=11)
+    out = tmp_path / "bench"
+    kw = dict(config_set="test", train_data=str(train_m), quiet=True, batch_size=8, size=SIZE,
+              overrides={"mim-r2": {"restoration.R": 2}})
+    rows = pipeline.run_benchmark(["mim-ood", "mim-r2=mim-ood", "ar-restoration"], str(test_m), out, **kw)
+    assert [r["method"] for r in rows] == ["mim-ood", "mim-r2", "ar-restoration"]
+    assert [r["base_method"] for r in rows] == ["mim-ood", "mim-ood", "ar-restoration"]
+    assert rows[1]["shares"] == "tokenizer, mvtm, atd from mim-ood" and rows[2]["shares"] == "tokenizer from mim-ood"
+    assert all(r["n_test"] == 8 and r["pixel_ap"] is not None for r in rows)
+    # the shared parts are the very same tensors
+    w0, w1, w2 = (load_file(str(out / "runs" / lab / "weights.safetensors")) for lab in ("mim-ood", "mim-r2", "ar-restoration"))
+    tok = [k for k in w0 if k.startswith("tokenizer.")]
+    assert tok and all(torch.equal(w0[k], w2[k]) for k in tok)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if not k.startswith("meta."))
+    cfg = yaml.safe_load((out / "runs" / "mim-r2" / "config.yaml").read_text())
+    assert cfg["params"]["restoration"]["R"] == 2 and cfg["data"]["name"] == str(train_m)
+    rec = json.loads((out / "benchmark.json").read_text())
+    assert rec["train_data"] == str(train_m) and rec["data"] == str(test_m) and rec["methods"]["mim-r2"] == "mim-ood"
+    # a second call reuses all three runs; changed settings are refused
+    rows = pipeline.run_benchmark(["mim-ood", "mim-r2=mim-ood", "ar-restoration"], str(test_m), out, **kw)
+    assert all(r["reused_run"] for r in rows)
+    kw["overrides"] = {"mim-r2": {"restoration.R": 3}}
+    with pytest.raises(PipelineError, match="other settings"):
+        pipeline.run_benchmark(["mim-ood", "mim-r2=mim-ood"], str(test_m), out, **kw)
+    with pytest.raises(PipelineError, match="does not list"):
+        pipeline.run_benchmark(["mim-ood"], str(test_m), out, config_set="test", size=SIZE, overrides={"x": {"seed": 1}})
+
+
+def test_benchmark_shares_pretrained_mae(tmp_path: Path) -> None:
+    m = _write_manifest(tmp_path / "a", seed=5)
+    out = tmp_path / "bench"
+    rows = pipeline.run_benchmark(["mae-pseudo", "mae"], str(m), out, config_set="test", quiet=True, batch_size=8, size=SIZE)
+    assert rows[0]["shares"] == "pre-trained MAE from mae" and rows[1]["shares"] == ""
+    log = [json.loads(ln) for ln in (out / "runs" / "mae-pseudo" / "train_log.jsonl").read_text().splitlines() if ln]
+    assert any(r.get("loaded_from") == str(out / "runs" / "mae") for r in log)
+    a = load_file(str(out / "runs" / "mae" / "weights.safetensors"))
+    b = load_file(str(out / "runs" / "mae-pseudo" / "weights.safetensors"))
+    shared = [k for k in a if k.startswith("mae.") and k in b]
+    assert shared and all(torch.equal(a[k], b[k]) for k in shared)
