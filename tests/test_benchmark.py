@@ -100,6 +100,11 @@ def test_plan_sharing_rules(tmp_path: Path) -> None:
     assert "mimw" not in extra and "settings differ" in notes["mimw"]  # a new tokenizer: trains its own
     assert "ar" not in extra  # the user's own reuse wins
 
+    entries = [("mt", "multitask"), ("mt5", "multitask"), ("mt2", "multitask")]
+    ov = {"mt5": {"max_models": 5}, "mt2": {"tasks.train_count": 2}}
+    extra, notes = plan_sharing(entries, _params(entries, ov), ov, tmp_path)
+    assert extra == {"mt5": {"reuse_members_from": str(tmp_path / "mt")}}  # T=2 members differ: trained anew
+
 
 @pytest.mark.slow
 def test_benchmark_variants_sharing_and_train_data(tmp_path: Path) -> None:
@@ -130,6 +135,22 @@ def test_benchmark_variants_sharing_and_train_data(tmp_path: Path) -> None:
         pipeline.run_benchmark(["mim-ood", "mim-r2=mim-ood"], str(test_m), out, **kw)
     with pytest.raises(PipelineError, match="does not list"):
         pipeline.run_benchmark(["mim-ood"], str(test_m), out, config_set="test", size=SIZE, overrides={"x": {"seed": 1}})
+
+
+def test_benchmark_multitask_variant_reuses_members(tmp_path: Path) -> None:
+    m = _write_manifest(tmp_path / "a", seed=3)
+    out = tmp_path / "bench"
+    kw = dict(config_set="test", quiet=True, batch_size=8, size=SIZE)
+    rows = pipeline.run_benchmark(["mt=multitask", "mt-all=multitask"], str(m), out,
+                                  overrides={"mt": {"max_models": 1}, "mt-all": {"max_models": 2}}, **kw)
+    assert rows[1]["shares"] == "members in common with mt"
+    st = [json.loads((out / "runs" / lab / "state.json").read_text()) for lab in ("mt", "mt-all")]
+    a, b = st[0]["members"], st[1]["members"]
+    assert len(a) == 1 and len(b) == 2
+    assert b[0]["reused_from"] == str(out / "runs" / "mt") and "reused_from" not in b[1]
+    wa = load_file(str(out / "runs" / "mt" / a[0]["name"] / "member.safetensors"))
+    wb = load_file(str(out / "runs" / "mt-all" / b[0]["name"] / "member.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_benchmark_shares_pretrained_mae(tmp_path: Path) -> None:

@@ -318,3 +318,24 @@ def test_token_metrics_3d_random_against_sklearn() -> None:
     assert y.sum() == 3
     assert r["ap"] == pytest.approx(average_precision_score(y.ravel(), t.ravel()))
     assert r["auroc"] == pytest.approx(roc_auc_score(y.ravel(), t.ravel()))
+
+
+def test_per_case_ap_auroc_against_sklearn() -> None:
+    """Per-case AP/AUROC: sklearn within each case (slices grouped by id), cases without both classes skipped."""
+    rng = np.random.default_rng(7)
+    s = rng.random((9, 6, 6)).round(2)  # ties
+    m = rng.random((9, 6, 6)) < 0.2
+    m[6:] = False  # case "c" (slices 6-8) has no lesion
+    f = rng.random((9, 6, 6)) < 0.8
+    ids = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    out = pixel_metrics(s, m, foreground=f, case_ids=ids)
+    aps, aucs = [], []
+    for rows in (slice(0, 3), slice(3, 6)):
+        y, x = m[rows][f[rows]], s[rows][f[rows]]
+        aps.append(average_precision_score(y, x))
+        aucs.append(roc_auc_score(y, x))
+    assert out["n_cases_ranking"] == 2
+    assert out["ap_per_case_mean"] == pytest.approx(np.mean(aps), abs=1e-12)
+    assert out["ap_per_case_std"] == pytest.approx(np.std(aps), abs=1e-12)
+    assert out["auroc_per_case_mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert "ap_per_case_mean" not in pixel_metrics(s, m, foreground=f)  # per image only with ids

@@ -769,6 +769,7 @@ _MIM_MODULES = {"mim-ood": ["tokenizer", "mvtm", "atd"], "ar-restoration": ["tok
 _TOKENIZER_KEYS = ("tokenizer", "tokenizer_train", "augment", "seed")
 _MVTM_KEYS = ("transformer", "transformer_train", "masks", "seed")
 _MAE_KEYS = ("mae", "pretrain", "seed")
+_MEMBER_FREE = ("max_models", "members", "predict", "num_workers", "reuse_members_from")  # not in a member's training
 
 
 def parse_benchmark_methods(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -829,6 +830,9 @@ def plan_sharing(
       module of it (an inference-only variant, e.g. R = 8).
     - MAE family: ``mae`` (or else the first of ``amae``/``mae-pseudo``) pre-trains the MAE; the others start
       from it (``pretrained``) when their MAE settings are equal.
+    - ``multitask``: a variant of an earlier-listed run that differs only in which members it keeps
+      (``max_models``, ``members``) or in prediction settings loads the members they have in common
+      (``reuse_members_from``) and trains only the others.
 
     A label whose overrides already set ``reuse``/``pretrained`` is left alone. Returns (extra overrides per
     label, a note per label) -- the notes go into the comparison table.
@@ -860,6 +864,16 @@ def plan_sharing(
                     slab, modules = mv, ["tokenizer", "mvtm"]
             extra[lab] = {"reuse.run_dir": str(runs_dir / slab), "reuse.modules": modules}
             notes[lab] = f"{', '.join(modules)} from {slab}"
+        elif m == "multitask":
+            if "reuse_members_from" in own[lab]:
+                continue
+            twin = next((lb for lb, mm in entries[: entries.index((lab, m))] if mm == m), None)
+            if twin is None:
+                continue
+            a, b = ({k: v for k, v in q.items() if k not in _MEMBER_FREE} for q in (params[lab], params[twin]))
+            if a == b:
+                extra[lab] = {"reuse_members_from": str(runs_dir / twin)}
+                notes[lab] = f"members in common with {twin}"
         elif m in MAE_FAMILY:
             if "mae" not in first_of:
                 mae_lab = next((lb for lb, mm in entries if mm == "mae"), None)

@@ -283,6 +283,28 @@ def _summary(d: np.ndarray) -> tuple[float, float, int]:
     return float(d.mean()), float(d.std()), int(d.size)
 
 
+def _per_case_ranking(s: np.ndarray, m: np.ndarray, f: np.ndarray | None, case_ids: Sequence[Any]) -> dict[str, float | int]:
+    """AP and AUROC within each case (a patient or volume) that has lesion and healthy voxels; mean and std."""
+    keys, inv = _case_groups(case_ids, s.shape[0])
+    aps, aucs = [], []
+    for k in range(len(keys)):
+        rows = inv == k
+        sk, mk = s[rows], m[rows]
+        if f is not None:
+            fk = f[rows]
+            sk, mk = sk[fk], mk[fk]
+        n_pos = int(mk.sum())
+        if n_pos == 0 or n_pos == mk.size:
+            continue
+        r = _exact_binary(sk.ravel(), mk.ravel(), "pixel_metrics")
+        aps.append(r["ap"])
+        aucs.append(r["auroc"])
+    ap_m, ap_s, n = _summary(np.asarray(aps, float))
+    au_m, au_s, _ = _summary(np.asarray(aucs, float))
+    return {"ap_per_case_mean": ap_m, "ap_per_case_std": ap_s, "auroc_per_case_mean": au_m, "auroc_per_case_std": au_s,
+            "n_cases_ranking": n}
+
+
 def pixel_metrics(
     scores: Any,
     masks: Any,
@@ -298,13 +320,15 @@ def pixel_metrics(
         masks: binary lesion masks of the same shape.
         foreground: optional binary mask of the voxels to evaluate (e.g. the brain); all voxels when None.
         per_case: also compute per-case DICE at the best threshold.
-        case_ids: optional id per image; images sharing an id form one case for the per-case DICE.
+        case_ids: optional id per image; images sharing an id form one case for the per-case DICE; with ids (and
+            ``per_case``) also the per-case AP/AUROC over cases holding both lesion and healthy voxels.
         dice_cases: which cases enter the per-case DICE statistics (module docstring).
 
     Returns:
         ``ap``, ``auroc``, ``best_dice``, ``best_threshold`` (predict ``score >= best_threshold``),
         ``dice_per_case_mean``, ``dice_per_case_std``, ``n_cases_dice``, ``n_voxels``, ``n_positive``,
-        ``positive_fraction``, ``n_cases``.
+        ``positive_fraction``, ``n_cases``; with ``case_ids``: ``ap_per_case_mean``/``_std``,
+        ``auroc_per_case_mean``/``_std``, ``n_cases_ranking``.
     """
     s, m, f = _prepare_maps(scores, masks, foreground)
     if f is not None:
@@ -331,6 +355,8 @@ def pixel_metrics(
     if per_case and n_pos > 0:
         _, d = _per_case_dice_arrays(s, m, f, out["best_threshold"], case_ids, dice_cases)
         out["dice_per_case_mean"], out["dice_per_case_std"], out["n_cases_dice"] = _summary(d)
+    if per_case and case_ids is not None:
+        out.update(_per_case_ranking(s, m, f, case_ids))
     return out
 
 

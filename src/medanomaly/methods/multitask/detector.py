@@ -93,6 +93,9 @@ class MultiTaskDetector(Detector):
         "val_samples": 64,  # synthetic validation images per member (held-out tasks on held-out folds)
         "val_metric": "loss",  # early stopping / checkpoint choice on the synthetic validation "loss" (min) or pixel "ap" (max)
         "num_workers": 0,  # DataLoader workers for synthesis
+        # a run folder whose finished members (trained with the same settings) are loaded instead of trained again,
+        # e.g. a 5-member ensemble that starts from a 3-member run's members
+        "reuse_members_from": "",
         "predict": {
             "batch_size": 8,
             "roi_size": None,  # sliding-window size for large volumes (None: whole image)
@@ -130,7 +133,8 @@ class MultiTaskDetector(Detector):
 
     def _config_hash(self) -> str:
         """Hash of everything that determines a member's training (not prediction settings)."""
-        keep = {k: v for k, v in self.params.items() if k not in ("predict", "members", "max_models", "num_workers")}
+        keep = {k: v for k, v in self.params.items()
+                if k not in ("predict", "members", "max_models", "num_workers", "reuse_members_from")}
         keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("device", "checkpoint_every")}
         return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -167,6 +171,18 @@ class MultiTaskDetector(Detector):
         for combo in self.combinations():
             member_dir = Path(self.work_dir) / combo.name if self.work_dir is not None else None
             done = _load_member(member_dir, cfg_hash) if (member_dir is not None and self.resume) else None
+            src = self.params["reuse_members_from"]
+            if done is None and src:
+                if not Path(src).is_dir():
+                    raise FileNotFoundError(f"multitask: reuse_members_from {src} is not a folder")
+                done = _load_member(Path(src) / combo.name, cfg_hash)
+                if done is not None:
+                    done = (done[0], {**done[1], "reused_from": str(src)}, done[2])
+                    if member_dir is not None:  # keep the run folder self-contained (and resumable)
+                        _claim_member_dir(member_dir, cfg_hash)
+                        net = self._build_model()
+                        net.import_state(done[0])
+                        _save_member(member_dir, net, done[1], done[2], cfg_hash)
             if done is not None:
                 weights, info, history = done
                 net = self._build_model()
