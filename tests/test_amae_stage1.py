@@ -3,7 +3,6 @@ synthetic task (AnatPaste vs clean) on toy data."""
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np
