@@ -1,6 +1,7 @@
 """MTMLW's central claim: does the synthetic validation score of a fold's model predict its real test score?
 
-Reads the ``results.json`` files written by ``benchmarks/multitask_lgg.py`` (one per T), plots synthetic
+Reads the ``results.json`` files written by ``benchmarks/multitask_lgg.py`` or ``benchmarks/multitask_members.py``
+(one per T), plots synthetic
 validation AP (held-out tasks on held-out folds; no real anomaly) against real test pixel AP per member, and
 prints the Spearman rank correlation over all members.
 
@@ -29,7 +30,8 @@ def main(out: Path, files: list[Path]) -> None:
         x = [r["synthetic_val_ap"] for r in m]
         y = [r["pixel_ap"] for r in m]
         d = [r["best_dice"] for r in m]
-        label = f"T={res['T']}"
+        t = res.get("T", len(m[0]["train_task_names"]) if m else "?")
+        label = f"T={t}" + (f" ({res['data']})" if res.get("data") else "")
         axes[0].scatter(x, y, label=label, s=40)
         axes[1].scatter(x, d, label=label, s=40)
         for r, xi, yi in zip(m, x, y, strict=True):
