@@ -41,8 +41,9 @@ def build(method: str, config: str, size: int, device: str, r: int, t: int) -> o
     return det
 
 
-def time_predict(det: object, x: torch.Tensor, repeats: int) -> float:
-    det.predict(x[:2])  # warm-up (allocations, kernels)
+def time_predict(det: object, x: torch.Tensor, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        det.predict(x[:2])  # warm-up (allocations, kernels)
     if x.device.type == "cuda" or str(det.device).startswith("cuda"):
         torch.cuda.synchronize()
     best = float("inf")
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--R", type=int, default=4)
     p.add_argument("--T", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up predict (slow CPU runs of big models)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-ar", action="store_true")
@@ -77,7 +79,7 @@ def main() -> None:
         det = build(method, args.config, args.size, args.device, args.R, args.T)
         n = (args.ar_batch or args.batch) if method == "ar-restoration" else args.batch
         x = torch.rand(n, 1, args.size, args.size)
-        sec = time_predict(det, x, args.repeats)
+        sec = time_predict(det, x, args.repeats, warmup=not args.no_warmup)
         rows[method] = {"slices": n, "seconds": sec, "seconds_per_32": sec / n * 32, "slices_per_s": n / sec,
                         "tokens": list(det.token_shape), "R": args.R, "T": args.T if method != "ar-restoration" else None}
         print(method, json.dumps(rows[method]), flush=True)
