@@ -6,9 +6,16 @@ Random weights (speed does not depend on training): each detector is built from 
 a batch of slices. The AR loop over token positions is inherent to the method; MIM-OOD runs T iterations over the
 whole (B*R, N) batch. Seconds per 32 slices are scaled linearly from the measured batch when ``--batch`` is
 smaller than 32 (CPU runs). The thresholds are set so that both procedures run at full cost (all T iterations; the
-AR loop over every position). Example::
+AR loop over every position).
+
+``--ar-estimate K`` (for CPU runs of the paper-size AR model, which would take hours): AR cost is measured in parts
+and summed instead of run whole: ``predict`` with no flagged token (encode, scoring, decode, residual, smoothing)
+plus one step of the AR loop (a forward pass of the (B*R)-row batch on the prefix, NLL test, sampling) at K prefix
+lengths spread over 1..N, interpolated linearly and summed over all N positions. ``--check-estimate`` also runs the
+real loop and prints both. Example::
 
     OMP_NUM_THREADS=1 python benchmarks/mim_ood_speed.py --config cpu-small --size 64 --batch 32
+    OMP_NUM_THREADS=1 python benchmarks/mim_ood_speed.py --config paper --size 160 --batch 1 --no-warmup --ar-estimate 12
     python benchmarks/mim_ood_speed.py --config paper --size 160 --batch 32 --device cuda   # bf16 autocast on CUDA
 """
 
@@ -56,6 +63,40 @@ def time_predict(det: object, x: torch.Tensor, repeats: int, warmup: bool = True
     return best
 
 
+def estimate_ar(det: object, x: torch.Tensor, positions: int) -> dict[str, float]:
+    """AR ``predict`` time estimated from its parts (see module docstring)."""
+    import numpy as np
+
+    from medanomaly.nets.tokens import gumbel_sample
+
+    thr = det.threshold
+    det.threshold = float("inf")  # nothing flagged: everything but the position loop
+    base = time_predict(det, x, 1, warmup=False)
+    det.threshold = thr
+    ar, dev = det.nets["ar"], det.device
+    n = int(np.prod(det.token_shape))
+    rows = x.shape[0] * int(det.params["restoration"]["R"])
+    lengths = np.unique(np.linspace(1, n, positions).round().astype(int))
+    secs = []
+    y = torch.randint(0, ar.special_id, (rows, n), device=dev)
+    bos = torch.full_like(y[:, :1], ar.special_id)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for length in lengths:  # the body of nets.tokens.ar_restore at position i = length - 1
+            i = int(length) - 1
+            t0 = time.perf_counter()
+            logits = ar(torch.cat([bos, y[:, :i]], 1))[:, -1].float()
+            nll = -logits.log_softmax(-1).gather(-1, y[:, i : i + 1]).squeeze(-1)
+            y[:, i] = torch.where(nll > 0, gumbel_sample(logits, 1.0, gen), y[:, i])
+            if str(dev).startswith("cuda"):
+                torch.cuda.synchronize()
+            secs.append(time.perf_counter() - t0)
+    # sum over prefix lengths 1..n of the per-forward time, by linear interpolation between the timed lengths
+    loop = float(np.interp(np.arange(1, n + 1), lengths, secs).sum())
+    return {"seconds": base + loop, "base_seconds": base, "loop_seconds": loop, "timed_lengths": lengths.tolist(),
+            "timed_seconds": [round(v, 4) for v in secs]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="paper")
@@ -69,6 +110,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-ar", action="store_true")
+    p.add_argument("--ar-estimate", type=int, default=0, metavar="K",
+                   help="estimate AR time from forward passes at K prefix lengths instead of running the loop")
+    p.add_argument("--check-estimate", action="store_true", help="with --ar-estimate: also time the real AR loop")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -79,9 +123,18 @@ def main() -> None:
         det = build(method, args.config, args.size, args.device, args.R, args.T)
         n = (args.ar_batch or args.batch) if method == "ar-restoration" else args.batch
         x = torch.rand(n, 1, args.size, args.size)
-        sec = time_predict(det, x, args.repeats, warmup=not args.no_warmup)
+        extra: dict = {}
+        if method == "ar-restoration" and args.ar_estimate:
+            extra = estimate_ar(det, x, args.ar_estimate)
+            sec = extra.pop("seconds")
+            extra["estimated"] = True
+            if args.check_estimate:
+                extra["measured_seconds"] = time_predict(det, x, args.repeats, warmup=not args.no_warmup)
+        else:
+            sec = time_predict(det, x, args.repeats, warmup=not args.no_warmup)
         rows[method] = {"slices": n, "seconds": sec, "seconds_per_32": sec / n * 32, "slices_per_s": n / sec,
-                        "tokens": list(det.token_shape), "R": args.R, "T": args.T if method != "ar-restoration" else None}
+                        "tokens": list(det.token_shape), "R": args.R, "T": args.T if method != "ar-restoration" else None,
+                        **extra}
         print(method, json.dumps(rows[method]), flush=True)
     if "ar-restoration" in rows:
         rows["ratio_ar_over_mim"] = rows["ar-restoration"]["seconds_per_32"] / rows["mim-ood"]["seconds_per_32"]

@@ -16,8 +16,10 @@ from medanomaly.nets.tokens import (
     ar_restore,
     ar_token_nll,
     brush_masks,
+    keyed_gumbel_sample,
     mim_restore,
     mvtm_token_nll,
+    token_keys,
 )
 
 torch.set_num_threads(1)
@@ -120,14 +122,14 @@ def test_mim_restore_changes_only_selected_tokens_and_batches_r() -> None:
         return sel.float().expand(y.shape[0], -1)
 
     out, changed = mim_restore(tokens, score_fn, mvtm, 0.5, steps=3, restorations=4,
-                               generator=torch.Generator().manual_seed(1))
+                               seed=1)
     assert out.shape == (3, 4, 16) and changed.shape == (3, 4, 16)
     assert all(c == (12, 16) for c in calls) and len(calls) == 3  # one batched call per iteration
     keep = ~sel
     assert torch.equal(out[:, :, keep], tokens[:, None, keep].expand(3, 4, -1))
     assert changed[:, :, sel].all() and not changed[:, :, keep].any()
     assert not torch.equal(out[:, 0], out[:, 1])  # the R restorations are different samples
-    again, _ = mim_restore(tokens, score_fn, mvtm, 0.5, steps=3, restorations=4, generator=torch.Generator().manual_seed(1))
+    again, _ = mim_restore(tokens, score_fn, mvtm, 0.5, steps=3, restorations=4, seed=1)
     assert torch.equal(out, again)
     bias = torch.full((16,), float("-inf"))
     bias[[2, 3]] = 0
@@ -143,15 +145,34 @@ def test_ar_restore_threshold_and_nll() -> None:
     assert nll.shape == (2, 10) and (nll > 0).all()
     same, res = ar_restore(tokens, ar, float("inf"), restorations=3)
     assert torch.equal(same, tokens[:, None].expand(2, 3, 10)) and not res.any()
-    out, res = ar_restore(tokens, ar, -1.0, restorations=3, generator=torch.Generator().manual_seed(0))
+    out, res = ar_restore(tokens, ar, -1.0, restorations=3, seed=0)
     assert res.all() and out.shape == (2, 3, 10)
     # a position is changed only where it was flagged
     thr = float(nll.median())
-    out, res = ar_restore(tokens, ar, thr, restorations=2, generator=torch.Generator().manual_seed(0))
+    out, res = ar_restore(tokens, ar, thr, restorations=2, seed=0)
     assert ((out != tokens[:, None]) <= res).all()
     first = nll > thr  # the first flagged position is decided on the original prefix
     i0 = int(first.any(0).nonzero()[0])
     assert torch.equal(res[:, 0, i0], first[:, i0]) and not res[:, :, :i0].any()
+
+
+def test_keyed_gumbel_sample_follows_softmax_and_is_keyed() -> None:
+    logits = torch.tensor([2.0, 0.0, 1.0, -1.0, float("-inf")])
+    keys = token_keys(torch.arange(40000).view(-1, 1), seed=3)
+    assert len(keys.unique()) > 39000  # distinct inputs, (almost) distinct keys
+    draws = keyed_gumbel_sample(logits.expand(len(keys), -1), keys)
+    freq = torch.bincount(draws, minlength=5).double() / len(keys)
+    expected = logits.softmax(-1).double()
+    assert torch.allclose(freq, expected, atol=0.01) and freq[4] == 0  # never a -inf entry
+    # equal keys give equal draws, wherever they sit; temperature 0 is argmax
+    assert torch.equal(keyed_gumbel_sample(logits.expand(3, -1), keys[[7, 7, 7]]), draws[[7, 7, 7]])
+    assert (keyed_gumbel_sample(logits.expand(4, -1), keys[:4], 0.0) == 0).all()
+    # the key depends on the seed and on every (position, token)
+    t = torch.randint(0, 9, (5, 12), generator=torch.Generator().manual_seed(0))
+    t2 = t.clone()
+    t2[:, -1] = (t2[:, -1] + 1) % 9
+    assert torch.equal(token_keys(t, 0), token_keys(t.clone(), 0))
+    assert (token_keys(t, 0) != token_keys(t, 1)).all() and (token_keys(t, 0) != token_keys(t2, 0)).all()
 
 
 def test_mvtm_token_nll_masks_each_token_once() -> None:
@@ -222,6 +243,29 @@ def test_detector_fit_predict_save_load(method: str, fitted: dict, toy: dict, tm
         det.predict(torch.rand(2, 1, 24, 24))
     with pytest.raises(ValueError, match="NaN"):
         det.predict(torch.full((1, 1, 32, 32), float("nan")))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prediction_does_not_depend_on_the_batch(method: str, fitted: dict, toy: dict) -> None:
+    det = fitted[method]
+    b = toy["test"]
+    rp = det.params["restoration"]
+    old = (rp["batch_size"], det.threshold)
+    with torch.no_grad():
+        det.threshold = min(old[1], float(det._score_batch(det.tokenizer.encode(b["image"]).flatten(1)).median()))
+    try:
+        rp["batch_size"] = 6
+        whole = det.predict(b["image"], b["foreground"])
+        assert whole.extras["token_resampled"].sum() > 0  # restorations do resample
+        rp["batch_size"] = 2
+        pairs = det.predict(b["image"], b["foreground"])
+        alone = det.predict(b["image"][[4]], b["foreground"][[4]])
+    finally:
+        rp["batch_size"], det.threshold = old
+    for other in (pairs, alone):
+        i = slice(None) if other is pairs else [4]
+        assert torch.equal(whole.extras["token_resampled"][i], other.extras["token_resampled"])
+        assert torch.allclose(whole.pixel_scores[i], other.pixel_scores, atol=1e-5)
 
 
 def test_token_scores_extra_and_threshold_rule(fitted: dict, toy: dict) -> None:

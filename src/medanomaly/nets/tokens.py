@@ -11,6 +11,9 @@
 - Restoration procedures: :func:`mim_restore` (MIM-OOD: detector-selected tokens resampled by the MVTM, T
   iterations, R restorations as one batch), :func:`ar_restore` (raster-order AR resampling of tokens whose NLL
   exceeds a threshold), :func:`ar_token_nll` and :func:`mvtm_token_nll` (token-level scores).
+- Keyed sampling (:func:`token_keys`, :func:`keyed_gumbel_sample`): restorations draw their random numbers from a
+  counter-based hash of (seed, the image's tokens, restoration r, iteration, position, codebook entry) instead of
+  a stateful generator, so an image gets the same restorations whatever batch it comes in, on any device.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "MaskBank",
     "brush_masks",
     "gumbel_sample",
+    "keyed_gumbel_sample",
+    "token_keys",
     "mim_restore",
     "ar_restore",
     "ar_token_nll",
@@ -248,6 +253,48 @@ def gumbel_sample(logits: torch.Tensor, temperature: float = 1.0, generator: tor
     return (logits.float() / temperature + g).argmax(-1)
 
 
+_M31 = 0x7FFFFFFF
+
+
+def _hash31(x: torch.Tensor) -> torch.Tensor:
+    """Integer hash of int64 values in [0, 2**31) (xor-shift-multiply rounds; products stay below 2**58)."""
+    x = x ^ (x >> 16)  # a new tensor; the rest works in place on it
+    x.mul_(0x45D9F3B).bitwise_and_(_M31)
+    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_M31)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _mix(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
+    """Combine a 31-bit key with a non-negative integer (tensor or int) into a new key."""
+    return _hash31(key ^ _hash31(torch.as_tensor(value, device=key.device, dtype=torch.int64) & _M31))
+
+
+def token_keys(tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A 31-bit key (B,) for each row of ``tokens`` (B, N): a hash of the seed and of every (position, token)."""
+    t = tokens.long()
+    pos = torch.arange(t.shape[1], device=t.device)
+    per_token = _hash31((_hash31(pos * 2 + 1) ^ t) & _M31)
+    return _mix(per_token.sum(1) & _M31, int(seed) & _M31)
+
+
+def keyed_gumbel_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sample one index per row of ``logits`` (M, K) from ``softmax(logits / temperature)``; the Gumbel noise of
+    row m is a fixed function of ``keys[m]`` (M,), so equal keys give equal draws on any device and in any batch."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    k = torch.arange(logits.shape[-1], device=logits.device)
+    h = _hash31(keys.unsqueeze(-1) ^ _hash31(k + 0x2545F49))
+    u = (h >> 7).float().add_(0.5).div_(2.0**24)  # 24-bit uniform in (0, 1), exact in float32
+    g = u.log_().neg_().log_().neg_()  # Gumbel noise
+    return g.add_(logits.float() / temperature).argmax(-1)
+
+
+def _row_keys(tokens: torch.Tensor, restorations: int, seed: int) -> torch.Tensor:
+    """Keys (B*R,) of the restoration rows: the image's token key mixed with r."""
+    keys = token_keys(tokens, seed).repeat_interleave(restorations)
+    return _mix(keys, torch.arange(restorations, device=tokens.device).repeat(tokens.shape[0]))
+
+
 @torch.no_grad()
 def mim_restore(
     tokens: torch.Tensor,
@@ -257,7 +304,7 @@ def mim_restore(
     steps: int = 8,
     restorations: int = 4,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MIM-OOD restoration of flattened tokens (B, N).
@@ -265,20 +312,26 @@ def mim_restore(
     The R restorations of every image run as one (B*R, N) batch; each of the T iterations is one forward of the
     detector (``score_fn``: tokens -> per-token anomaly probabilities) and one of the MVTM. Tokens scoring above
     ``threshold`` are replaced by ``[MASK]`` and re-sampled from the MVTM; the others are kept. ``logit_bias`` (K,)
-    is added to the logits before sampling (e.g. ``-inf`` for codebook entries never seen in training).
+    is added to the logits before sampling (e.g. ``-inf`` for codebook entries never seen in training). Draws are
+    keyed by (``seed``, the image's tokens, r, iteration, position): an image's restorations do not depend on the
+    batch it is in (up to floating-point differences of batched matrix products).
     Returns restored tokens (B, R, N) and the union over iterations of the resampled positions (B, R, N).
     """
     b, n = tokens.shape
     y = tokens.repeat_interleave(restorations, 0)
     union = torch.zeros_like(y, dtype=torch.bool)
-    for _ in range(steps):
+    rows = _row_keys(tokens, restorations, seed)
+    for step in range(steps):
         m = score_fn(y) > threshold
         if not m.any():
             break
-        logits = mvtm(torch.where(m, torch.full_like(y, mvtm.special_id), y)).float()
+        logits = mvtm(torch.where(m, torch.full_like(y, mvtm.special_id), y))
+        ri, pi = m.nonzero(as_tuple=True)
+        sel = logits[ri, pi].float()
         if logit_bias is not None:
-            logits = logits + logit_bias
-        y = torch.where(m, gumbel_sample(logits, temperature, generator), y)
+            sel = sel + logit_bias
+        y = y.clone()
+        y[ri, pi] = keyed_gumbel_sample(sel, _mix(_mix(rows[ri], step), pi), temperature)
         union |= m
     return y.view(b, restorations, n), union.view(b, restorations, n)
 
@@ -298,7 +351,7 @@ def ar_restore(
     threshold: float,
     restorations: int = 4,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AR restoration (Naval Marimont & Tarroni, 2021) of flattened tokens (B, N).
@@ -307,7 +360,7 @@ def ar_restore(
     restored) prefix is computed and, when above ``threshold``, the token is replaced by a sample from the model.
     The loop over positions is inherent to AR models; images and the R restorations are batched. Positions before
     the first flagged one (in the whole batch) keep their tokens and are skipped exactly. ``logit_bias`` as in
-    :func:`mim_restore` (applied to sampling only, not to the NLL test).
+    :func:`mim_restore` (applied to sampling only, not to the NLL test); draws keyed as there.
     Returns restored tokens (B, R, N) and the resampled positions (B, R, N).
     """
     b, n = tokens.shape
@@ -318,14 +371,15 @@ def ar_restore(
         return y.view(b, restorations, n), resampled.view(b, restorations, n)
     start = int(flagged.any(0).nonzero()[0])
     bos = torch.full_like(y[:, :1], ar.special_id)
+    rows = _row_keys(tokens, restorations, seed)
     for i in range(start, n):
         logits = ar(torch.cat([bos, y[:, :i]], 1))[:, -1].float()
         nll = -logits.log_softmax(-1).gather(-1, y[:, i : i + 1]).squeeze(-1)
         m = nll > threshold
         if m.any():
-            if logit_bias is not None:
-                logits = logits + logit_bias
-            y[:, i] = torch.where(m, gumbel_sample(logits, temperature, generator), y[:, i])
+            ri = m.nonzero().squeeze(1)
+            sel = logits[ri] if logit_bias is None else logits[ri] + logit_bias
+            y[ri, i] = keyed_gumbel_sample(sel, _mix(_mix(rows[ri], 0), i), temperature)
             resampled[:, i] = m
     return y.view(b, restorations, n), resampled.view(b, restorations, n)
 

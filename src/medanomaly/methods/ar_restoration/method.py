@@ -35,7 +35,7 @@ class ARRestoration(TokenRestorationDetector):
     def _token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
         return ar_token_nll(self.nets["ar"], tokens)
 
-    def _restore(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rp = self.params["restoration"]
-        return ar_restore(tokens, self.nets["ar"], self.threshold, int(rp["R"]), float(rp["temperature"]), generator,
+        return ar_restore(tokens, self.nets["ar"], self.threshold, int(rp["R"]), float(rp["temperature"]), seed,
                           self.logit_bias(tokens.device))

@@ -433,7 +433,7 @@ class TokenRestorationDetector(Detector):
     def _token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _restore(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def _extra_token_scores(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -460,7 +460,6 @@ class TokenRestorationDetector(Detector):
         dev = self.device
         for m in self._modules().values():
             m.to(dev).eval()
-        gen = torch.Generator(device=dev).manual_seed(int(rp["seed"]))
         bs, tshape = int(rp["batch_size"]), self.token_shape
         r = int(rp["R"])
         out: dict[str, list[torch.Tensor]] = {}
@@ -471,7 +470,7 @@ class TokenRestorationDetector(Detector):
                 tok = self.tokenizer.encode(x).view(b, -1)
                 scores = self._token_scores(tok).float()
                 extra = self._extra_token_scores(tok) if rp["extra_token_scores"] else {}
-                restored, changed = self._restore(tok, gen)
+                restored, changed = self._restore(tok, int(rp["seed"]))
                 dec = self.tokenizer.decode(restored.reshape(b * r, *tshape)).float()
                 ref = x if rp["residual_to"] == "input" else self.tokenizer.decode(tok.view(b, *tshape)).float()
             dec = dec.view(b, r, *x.shape[1:])

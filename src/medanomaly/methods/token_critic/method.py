@@ -50,10 +50,10 @@ class TokenCritic(TokenRestorationDetector):
     def _token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.nets["critic"](tokens).squeeze(-1).float())
 
-    def _restore(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rp = self.params["restoration"]
         return mim_restore(tokens, self._token_scores, self.nets["mvtm"], self.threshold, int(rp["T"]), int(rp["R"]),
-                           float(rp["temperature"]), generator, self.logit_bias(tokens.device))
+                           float(rp["temperature"]), seed, self.logit_bias(tokens.device))
 
     def _extra_token_scores(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_scores_mvtm": mvtm_token_nll(self.nets["mvtm"], tokens, self.token_shape)}
