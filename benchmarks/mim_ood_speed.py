@@ -69,6 +69,9 @@ def estimate_ar(det: object, x: torch.Tensor, positions: int) -> dict[str, float
 
     from medanomaly.nets.tokens import gumbel_sample
 
+    if positions < 2:
+        raise ValueError(f"--ar-estimate needs at least 2 prefix lengths, got {positions}")
+
     thr = det.threshold
     det.threshold = float("inf")  # nothing flagged: everything but the position loop
     base = time_predict(det, x, 1, warmup=False)

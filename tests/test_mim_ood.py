@@ -173,6 +173,14 @@ def test_keyed_gumbel_sample_follows_softmax_and_is_keyed() -> None:
     t2[:, -1] = (t2[:, -1] + 1) % 9
     assert torch.equal(token_keys(t, 0), token_keys(t.clone(), 0))
     assert (token_keys(t, 0) != token_keys(t, 1)).all() and (token_keys(t, 0) != token_keys(t2, 0)).all()
+    with pytest.raises(ValueError, match="integer tensor"):
+        token_keys(t.float())
+    with pytest.raises(ValueError, match="non-negative"):
+        token_keys(t - 1)
+    with pytest.raises(ValueError, match=r"\(M, K\)"):
+        keyed_gumbel_sample(logits.expand(3, -1), keys[:2])
+    with pytest.raises(ValueError, match="integers"):
+        keyed_gumbel_sample(logits.expand(2, -1), torch.tensor([-1, 3]))
 
 
 def test_mvtm_token_nll_masks_each_token_once() -> None:

@@ -271,6 +271,11 @@ def _mix(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
 
 def token_keys(tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A 31-bit key (B,) for each row of ``tokens`` (B, N): a hash of the seed and of every (position, token)."""
+    if tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"token_keys: tokens must be an integer tensor (B, N), got {tuple(tokens.shape)} "
+                         f"{tokens.dtype}")
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise ValueError("token_keys: token ids must be non-negative")
     t = tokens.long()
     pos = torch.arange(t.shape[1], device=t.device)
     per_token = _hash31((_hash31(pos * 2 + 1) ^ t) & _M31)
@@ -280,6 +285,11 @@ def token_keys(tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
 def keyed_gumbel_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Sample one index per row of ``logits`` (M, K) from ``softmax(logits / temperature)``; the Gumbel noise of
     row m is a fixed function of ``keys[m]`` (M,), so equal keys give equal draws on any device and in any batch."""
+    if logits.ndim != 2 or keys.shape != logits.shape[:1]:
+        raise ValueError(f"keyed_gumbel_sample: logits must be (M, K) and keys (M,), got {tuple(logits.shape)} and "
+                         f"{tuple(keys.shape)}")
+    if keys.is_floating_point() or (keys.numel() and (int(keys.min()) < 0 or int(keys.max()) > _M31)):
+        raise ValueError("keyed_gumbel_sample: keys must be integers in [0, 2**31) (see token_keys)")
     if temperature <= 0:
         return logits.argmax(-1)
     k = torch.arange(logits.shape[-1], device=logits.device)
