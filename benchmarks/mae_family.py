@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import yaml
 
+from medanomaly.methods.base import RunContext
+
 torch.set_num_threads(1)
 C = Path(os.environ.get("MAE_CACHE", "/tmp/mae_exp"))
 POOL_SEED, SPLIT_SEED = 1, 0
@@ -141,9 +143,8 @@ def run_seed(seed: int, ratios: list[float], pretrained: str, out: str, override
     p = params_for("amae", overrides, pretrained)
     p["seed"] = seed
     det = get_method("amae", **p)
-    det.quiet = True
     t0 = time.time()
-    det.fit(sets["train"], sets["val"])
+    det.fit(sets["train"], sets["val"], context=RunContext(quiet=True))
     res: dict[str, Any] = {"seed": seed, "stage1_fit_s": round(time.time() - t0, 1),
                            "stage1_synthetic_val": det.stage1_info}
     s1 = test_scores(det, sets["test"])["stage1"]
@@ -177,9 +178,8 @@ def pretrain(out: Path, overrides: list[str]) -> str:
 
     sets = pmn_sets()
     det = get_method("mae", **params_for("mae", overrides))
-    det.quiet = True
     t0 = time.time()
-    det.fit(sets["train"], sets["val"])
+    det.fit(sets["train"], sets["val"], context=RunContext(quiet=True))
     run = det.save(out / "mae")
     print(f"pre-trained MAE on {len(sets['train'])} normal images in {time.time() - t0:.0f} s -> {run}", flush=True)
     return str(run)
@@ -272,9 +272,8 @@ def single(a: argparse.Namespace) -> None:
 
     params = params_for(a.method, a.set, a.pretrained)
     det = get_method(a.method, **params)
-    det.quiet = True
     out = Path(a.out)
-    det.work_dir = out / "work"
+    ctx = RunContext(work_dir=out / "work", resume=True, quiet=True)
     unlabeled = None
     if a.data == "lgg":
         def lgg(name: str) -> Any:
@@ -295,9 +294,9 @@ def single(a: argparse.Namespace) -> None:
         det = load_detector(a.eval_run)
         out.mkdir(parents=True, exist_ok=True)
     elif a.method == "amae":
-        det.fit(train, val, unlabeled=unlabeled)
+        det.fit(train, val, unlabeled=unlabeled, context=ctx)
     else:
-        det.fit(train, val)
+        det.fit(train, val, context=ctx)
     res: dict[str, Any] = {"fit_s": round(time.time() - t0, 1), "params": params, "pool": a.pool}
     if not a.eval_run:
         det.save(out / "run")

@@ -55,7 +55,8 @@ def train(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     from medanomaly.data import stack_dataset
-    from medanomaly.evaluation.metrics import pixel_metrics, sample_metrics, token_metrics
+    from medanomaly.evaluation.metrics import pixel_metrics, sample_metrics
+    from medanomaly.evaluation.tokens import token_metrics
     from medanomaly.methods import load_detector
 
     torch.set_num_threads(1)

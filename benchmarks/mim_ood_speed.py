@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from medanomaly.methods.base import RunContext
+
 
 def build(method: str, config: str, size: int, device: str, r: int, t: int) -> object:
     from medanomaly.methods import get_method_class
@@ -44,7 +46,7 @@ def build(method: str, config: str, size: int, device: str, r: int, t: int) -> o
     det.threshold = float(params["restoration"]["threshold"]["value"])
     det.token_used = torch.ones(int(det.params["tokenizer"]["num_embeddings"]), dtype=torch.bool)
     det.is_fitted = True
-    det.quiet = True
+    det.set_context(RunContext(quiet=True))
     return det
 
 

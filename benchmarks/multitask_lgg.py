@@ -13,6 +13,8 @@ from scipy.stats import spearmanr
 
 from medanomaly.data import load_dataset, stack_dataset
 from medanomaly.evaluation.metrics import pixel_metrics, sample_metrics
+from medanomaly.evaluation.scoring import image_scores
+from medanomaly.methods.base import RunContext
 from medanomaly.methods.multitask import MultiTaskDetector
 
 torch.set_num_threads(1)
@@ -28,9 +30,8 @@ params = {**MultiTaskDetector.config_set("cpu-small"), **extra}
 det = MultiTaskDetector(**params)
 det.params["tasks"]["train_count"] = T
 det.params["max_models"] = max_models
-det.work_dir, det.quiet = out / "work", True
 t1 = time.time()
-det.fit(train)
+det.fit(train, context=RunContext(work_dir=out / "work", resume=True, quiet=True))
 fit_s = time.time() - t1
 det.save(out / "run")
 print(f"fit {fit_s:.0f}s", flush=True)
@@ -54,9 +55,7 @@ res = {
 
 def evaluate(maps):
     maps = maps * fg[:, 0]
-    flat = maps.reshape(maps.shape[0], -1)
-    k = max(1, int(0.01 * flat.shape[1]))
-    img = torch.stack([torch.topk(flat[i][fg[i].reshape(-1)], min(k, int(fg[i].sum()))).values.mean() for i in range(len(flat))])
+    img = image_scores(maps, fg, **det.params["image_score"])  # the method's own rule
     pm = pixel_metrics(maps, masks, fg, case_ids=cases)
     sm = sample_metrics(img, labels)
     return {

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medanomaly.methods.base import RunContext
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,14 +34,16 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
 
+    from medanomaly.app.datasets import open_dataset
+    from medanomaly.app.predict import load_run
     from medanomaly.data.dataset import stack_dataset
     from medanomaly.evaluation.metrics import pixel_metrics, sample_metrics
-    from medanomaly.pipeline import _open_dataset, load_run
+    from medanomaly.evaluation.scoring import image_scores
 
     det, cfg = load_run(a.run, expect_method="multitask")
-    det.quiet = True
+    det.set_context(RunContext(quiet=True))
     det.params["predict"]["member_maps"] = True
-    ds = _open_dataset(a.data, a.split, preset_config=(cfg.get("data") or {}).get("preset_config"))
+    ds = open_dataset(a.data, a.split, preset_config=(cfg.get("data") or {}).get("preset_config"))
     b = stack_dataset(ds)
     x, fg, masks, labels, cases = b["image"], b["foreground"], b["mask"], b["label"], list(b["case_id"])
     maps, members = [], []
@@ -56,7 +60,7 @@ def main() -> None:
                "pixel_ap_per_case_mean": pm.get("ap_per_case_mean")}
         lab = labels.numpy()
         if len(set(lab.tolist())) == 2:
-            top = m.flatten(1).topk(max(1, m[0].numel() // 100), dim=1).values.mean(1)
+            top = image_scores(m, fg, **det.params["image_score"])  # the method's own rule
             out["slice_auroc"] = sample_metrics(top, lab)["auroc"]
         return out
 

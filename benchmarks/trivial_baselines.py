@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medanomaly.data import load_dataset
-from medanomaly.evaluation.metrics import MetricWarning, pixel_metrics, reduce_map, sample_metrics
+from medanomaly.evaluation.metrics import MetricWarning, pixel_metrics, sample_metrics
+from medanomaly.evaluation.scoring import image_scores
 
 
 def _stack(ds: Any, quiet: bool, desc: str) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def _slice_metrics(maps: np.ndarray, fg: np.ndarray, labels: np.ndarray) -> dict
     for how in ("max", "mean", "topk"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MetricWarning)
-            sc = reduce_map(maps, how=how, k=0.01, foreground=fg)
+            sc = image_scores(torch.from_numpy(maps), torch.from_numpy(fg), how, 0.01).numpy()
         out[how if how != "topk" else "top1%"] = sample_metrics(sc, labels)
     return out
 

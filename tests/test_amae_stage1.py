@@ -13,6 +13,7 @@ from medanomaly.data import make_toy_dataset, stack_dataset
 from medanomaly.methods import get_method, get_method_class, load_detector
 from medanomaly.methods.amae import MLPHead
 from medanomaly.methods.amae.anatomy import lung_mask, lung_masks
+from medanomaly.methods.base import RunContext
 
 torch.set_num_threads(1)
 
@@ -62,8 +63,7 @@ def mae_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     torch.manual_seed(0)  # weight init: independent of which tests ran before
     p = get_method_class("mae").config_set("test")
     mae = get_method("mae", **{**p, "pretrain": {**p["pretrain"], "steps": 60}})
-    mae.quiet = True
-    mae.fit(train)
+    mae.fit(train, context=RunContext(quiet=True))
     return mae.save(tmp_path_factory.mktemp("amae1") / "mae"), train
 
 
@@ -74,10 +74,8 @@ def test_stage1_head_separates_its_synthetic_task(mae_run: tuple, tmp_path: Path
     p["stage1"] = {**p["stage1"], "steps": 150, "hidden": 32, "batch_size": 16, "val_every": 50, "lr": 3e-3,
                    "patch": "normal", "feature_norm": "standardize", "flip": True}  # as configs/cpu-small.yaml
     det = get_method("amae", **{**p, "pretrained": str(run)})
-    det.quiet = True
     val = make_toy_dataset(n=16, size=32, seed=12)
-    torch.manual_seed(0)
-    det.fit(train, val)
+    det.fit(train, val, context=RunContext(quiet=True))
     info = det.stage1_info
     assert set(info) == {"auroc", "acc"}
     assert info["auroc"] > 0.7, info  # clearly above chance on held-out images

@@ -10,6 +10,7 @@ import torch
 
 from medanomaly.data import make_toy_dataset, stack_dataset
 from medanomaly.methods import get_method, load_detector
+from medanomaly.methods.base import RunContext
 from medanomaly.methods.baselines.common import min_avg_smooth
 
 torch.set_num_threads(1)
@@ -44,9 +45,9 @@ def test_intensity_finds_bright_lesions_and_sign_inverts(toy_test: dict) -> None
 
 
 def test_intensity_bad_params() -> None:
-    with pytest.raises(ValueError, match="sign must be"):
+    with pytest.raises(ValueError, match="sign = 2: expected one of 1, -1"):
         get_method("intensity", sign=2)
-    with pytest.raises(ValueError, match="normalise must be"):
+    with pytest.raises(ValueError, match="normalise = 'zscore': expected one of"):
         get_method("intensity", normalise="zscore")
     with pytest.raises(ValueError, match="image_score"):
         get_method("intensity", image_score="median")
@@ -76,12 +77,11 @@ _AE = {"channels": [4, 8, 8], "strides": [2, 2, 2], "num_res_units": 0, "batch_s
 def test_autoencoder_trains_and_localises(tmp_path: Path, toy_test: dict) -> None:
     train = make_toy_dataset(n=16, size=32, seed=3)
     det = get_method("autoencoder", **_AE)
-    det.quiet, det.work_dir = True, tmp_path / "work"
-    det.fit(train)
+    det.fit(train, context=RunContext(work_dir=tmp_path / "work", quiet=True))
     losses = [r["loss"] for r in det.train_log]
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     assert all(r["stage"] == "autoencoder" for r in det.train_log) and "val" in det.train_log[9]
-    assert (tmp_path / "work" / "checkpoints" / "autoencoder.pt").exists()
+    assert (tmp_path / "work" / "checkpoints" / "autoencoder.json").exists()
     x, fg = toy_test["image"], toy_test["foreground"]
     res = det.predict(x, fg)
     assert res.extras["reconstruction"].shape == x.shape
@@ -93,8 +93,7 @@ def test_autoencoder_trains_and_localises(tmp_path: Path, toy_test: dict) -> Non
         det.predict(torch.zeros(1, 2, 32, 32))
     # resume: a finished checkpoint is reloaded without training again -> same weights
     det2 = get_method("autoencoder", **_AE)
-    det2.quiet, det2.work_dir = True, tmp_path / "work"
-    det2.fit(train)
+    det2.fit(train, context=RunContext(work_dir=tmp_path / "work", resume=True, quiet=True))
     assert torch.equal(det2.predict(x, fg).pixel_scores, res.pixel_scores)
     run = det.save(tmp_path / "run")
     assert (run / "train_log.jsonl").exists()
@@ -103,8 +102,7 @@ def test_autoencoder_trains_and_localises(tmp_path: Path, toy_test: dict) -> Non
 
 def test_autoencoder_3d_and_bad_params() -> None:
     det = get_method("autoencoder", **{**_AE, "train": {**_AE["train"], "steps": 3, "checkpoint_every": 0}})
-    det.quiet = True
-    det.fit(make_toy_dataset(n=4, size=16, spatial_dims=3))
+    det.fit(make_toy_dataset(n=4, size=16, spatial_dims=3), context=RunContext(quiet=True))
     assert det.predict(torch.rand(1, 1, 16, 16, 16)).pixel_scores.shape == (1, 16, 16, 16)
     with pytest.raises(ValueError, match="same length"):
         get_method("autoencoder", channels=[4, 8], strides=[2])
@@ -112,7 +110,7 @@ def test_autoencoder_3d_and_bad_params() -> None:
         get_method("autoencoder", smooth={"min_size": 2})
     with pytest.raises(KeyError, match="unknown parameter 'stepz'"):
         get_method("autoencoder", train={"stepz": 3})
-    with pytest.raises(ValueError, match="loss must be"):
+    with pytest.raises(ValueError, match="loss = 'huber': expected one of 'l1', 'l2'"):
         get_method("autoencoder", loss="huber")
     with pytest.raises(ValueError, match="empty"):
         get_method("autoencoder").fit(make_toy_dataset(n=2, size=16).subset([]))

@@ -13,10 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from medanomaly import pipeline
+from medanomaly.app.benchmark import parse_benchmark_methods, parse_benchmark_overrides, plan_sharing, run_benchmark
+from medanomaly.app.config import resolve_config
+from medanomaly.app.errors import PipelineError
 from medanomaly.data import make_toy_dataset
 from medanomaly.data.samples import parse_data_spec
-from medanomaly.pipeline import PipelineError, parse_benchmark_methods, parse_benchmark_overrides, plan_sharing
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -76,7 +77,7 @@ def test_parse_methods_and_overrides() -> None:
 
 
 def _params(entries: list[tuple[str, str]], overrides: dict[str, dict]) -> dict[str, dict]:
-    return {lab: pipeline.resolve_config(m, config_set="test", overrides=overrides.get(lab))[0] for lab, m in entries}
+    return {lab: resolve_config(m, config_set="test", overrides=overrides.get(lab))[0] for lab, m in entries}
 
 
 def test_plan_sharing_rules(tmp_path: Path) -> None:
@@ -87,7 +88,7 @@ def test_plan_sharing_rules(tmp_path: Path) -> None:
     assert "intensity" not in extra and "ar" not in extra  # the first MIM method trains the tokenizer
     assert extra["mim"] == {"reuse.run_dir": str(tmp_path / "ar"), "reuse.modules": ["tokenizer"]}
     # an inference-only variant reuses every module of the earlier run of its method
-    assert extra["mim8"] == {"reuse.run_dir": str(tmp_path / "mim"), "reuse.modules": ["tokenizer", "mvtm", "atd"]}
+    assert extra["mim8"] == {"reuse.run_dir": str(tmp_path / "mim"), "reuse.modules": ["tokenizer", "atd", "mvtm"]}
     assert extra["tc"] == {"reuse.run_dir": str(tmp_path / "mim"), "reuse.modules": ["tokenizer", "mvtm"]}
     # the MAE comes from 'mae' even though 'amae' is listed first
     assert extra["amae"] == {"pretrained": str(tmp_path / "mae")} and extra["mp"] == {"pretrained": str(tmp_path / "mae")}
@@ -96,7 +97,7 @@ def test_plan_sharing_rules(tmp_path: Path) -> None:
     entries = [("mim", "mim-ood"), ("mim8", "mim-ood"), ("mimw", "mim-ood"), ("ar", "ar-restoration")]
     ov = {"mim8": {"restoration.R": 8}, "mimw": {"tokenizer.num_embeddings": 8}, "ar": {"reuse.run_dir": "/x"}}
     extra, notes = plan_sharing(entries, _params(entries, ov), ov, tmp_path)
-    assert extra["mim8"]["reuse.modules"] == ["tokenizer", "mvtm", "atd"]
+    assert extra["mim8"]["reuse.modules"] == ["tokenizer", "atd", "mvtm"]
     assert "mimw" not in extra and "settings differ" in notes["mimw"]  # a new tokenizer: trains its own
     assert "ar" not in extra  # the user's own reuse wins
 
@@ -113,10 +114,10 @@ def test_benchmark_variants_sharing_and_train_data(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     kw = dict(config_set="test", train_data=str(train_m), quiet=True, batch_size=8, size=SIZE,
               overrides={"mim-r2": {"restoration.R": 2}})
-    rows = pipeline.run_benchmark(["mim-ood", "mim-r2=mim-ood", "ar-restoration"], str(test_m), out, **kw)
+    rows = run_benchmark(["mim-ood", "mim-r2=mim-ood", "ar-restoration"], str(test_m), out, **kw)
     assert [r["method"] for r in rows] == ["mim-ood", "mim-r2", "ar-restoration"]
     assert [r["base_method"] for r in rows] == ["mim-ood", "mim-ood", "ar-restoration"]
-    assert rows[1]["shares"] == "tokenizer, mvtm, atd from mim-ood" and rows[2]["shares"] == "tokenizer from mim-ood"
+    assert rows[1]["shares"] == "tokenizer, atd, mvtm from mim-ood" and rows[2]["shares"] == "tokenizer from mim-ood"
     assert all(r["n_test"] == 8 and r["pixel_ap"] is not None for r in rows)
     # the shared parts are the very same tensors
     w0, w1, w2 = (load_file(str(out / "runs" / lab / "weights.safetensors")) for lab in ("mim-ood", "mim-r2", "ar-restoration"))
@@ -128,22 +129,22 @@ def test_benchmark_variants_sharing_and_train_data(tmp_path: Path) -> None:
     rec = json.loads((out / "benchmark.json").read_text())
     assert rec["train_data"] == str(train_m) and rec["data"] == str(test_m) and rec["methods"]["mim-r2"] == "mim-ood"
     # a second call reuses all three runs; changed settings are refused
-    rows = pipeline.run_benchmark(["mim-ood", "mim-r2=mim-ood", "ar-restoration"], str(test_m), out, **kw)
+    rows = run_benchmark(["mim-ood", "mim-r2=mim-ood", "ar-restoration"], str(test_m), out, **kw)
     assert all(r["reused_run"] for r in rows)
     kw["overrides"] = {"mim-r2": {"restoration.R": 3}}
     with pytest.raises(PipelineError, match="other settings"):
-        pipeline.run_benchmark(["mim-ood", "mim-r2=mim-ood"], str(test_m), out, **kw)
+        run_benchmark(["mim-ood", "mim-r2=mim-ood"], str(test_m), out, **kw)
     with pytest.raises(PipelineError, match="does not list"):
-        pipeline.run_benchmark(["mim-ood"], str(test_m), out, config_set="test", size=SIZE, overrides={"x": {"seed": 1}})
+        run_benchmark(["mim-ood"], str(test_m), out, config_set="test", size=SIZE, overrides={"x": {"seed": 1}})
 
 
 def test_benchmark_multitask_variant_reuses_members(tmp_path: Path) -> None:
     m = _write_manifest(tmp_path / "a", seed=3)
     out = tmp_path / "bench"
     kw = dict(config_set="test", quiet=True, batch_size=8, size=SIZE)
-    rows = pipeline.run_benchmark(["mt=multitask", "mt-all=multitask"], str(m), out,
+    rows = run_benchmark(["mt=multitask", "mt-all=multitask"], str(m), out,
                                   overrides={"mt": {"max_models": 1}, "mt-all": {"max_models": 2}}, **kw)
-    assert rows[1]["shares"] == "members in common with mt"
+    assert rows[1]["shares"] == "members from mt"
     st = [json.loads((out / "runs" / lab / "state.json").read_text()) for lab in ("mt", "mt-all")]
     a, b = st[0]["members"], st[1]["members"]
     assert len(a) == 1 and len(b) == 2
@@ -156,7 +157,7 @@ def test_benchmark_multitask_variant_reuses_members(tmp_path: Path) -> None:
 def test_benchmark_shares_pretrained_mae(tmp_path: Path) -> None:
     m = _write_manifest(tmp_path / "a", seed=5)
     out = tmp_path / "bench"
-    rows = pipeline.run_benchmark(["mae-pseudo", "mae"], str(m), out, config_set="test", quiet=True, batch_size=8, size=SIZE)
+    rows = run_benchmark(["mae-pseudo", "mae"], str(m), out, config_set="test", quiet=True, batch_size=8, size=SIZE)
     assert rows[0]["shares"] == "pre-trained MAE from mae" and rows[1]["shares"] == ""
     log = [json.loads(ln) for ln in (out / "runs" / "mae-pseudo" / "train_log.jsonl").read_text().splitlines() if ln]
     assert any(r.get("loaded_from") == str(out / "runs" / "mae") for r in log)

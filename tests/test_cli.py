@@ -184,20 +184,22 @@ def test_autoencoder_few_steps_train_resume_evaluate(manifest: Path, tmp_path: P
     assert log and any("loss" in r for r in log)
     res = invoke(*args, ok=False)  # finished run: refused without --force
     assert res.exit_code != 0 and "--force" in res.output
-    # an unfinished run (checkpoints, no weights) needs --resume; resuming with other settings is refused
-    (run / "weights.safetensors").unlink()
+    # an unfinished run (no finished marker: killed before it) needs --resume; resuming with other settings is refused
+    (run / "finished.json").unlink()
     (run / "request.yaml").write_text("method: autoencoder\n")
     res = invoke(*args, ok=False)
     assert "--resume" in res.output
     res = invoke(*args, "--resume", ok=False)
     assert "different settings" in res.output
     invoke(*args, "--force")
-    # killed after its last checkpoint: --resume finishes it from the checkpoint
-    (run / "weights.safetensors").unlink()
+    # killed after its last checkpoint, while writing the run folder: --resume finishes it from the checkpoint
+    (run / "finished.json").unlink()
     (run / "config.yaml").unlink()
+    (run / ".weights.safetensors.abcd1234.tmp").write_bytes(b"partial")  # a torn write; cleaned when the run resumes
     invoke(*args, "--resume")
+    assert not (run / ".weights.safetensors.abcd1234.tmp").exists()
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["train"]["resumed"] is True and cfg["train"]["seed"] == 3
+    assert cfg["train"]["seed"] == 3 and (run / "finished.json").is_file()
     res = invoke("evaluate", run, "--data", manifest, "--out", tmp_path / "ev", "--quiet")
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["method"] == "autoencoder" and m["pixel_ap"] is not None
@@ -259,7 +261,7 @@ def test_error_bad_run_folders(intensity_run: Path, manifest: Path, tmp_path: Pa
     broken.mkdir()
     (broken / "config.yaml").write_text((intensity_run / "config.yaml").read_text())
     msg = _one_line_error(invoke("predict", broken, manifest.parent / "test_00.png", "--out", tmp_path / "p", ok=False))
-    assert "weights.safetensors" in msg
+    assert "did not finish" in msg and "finished.json" in msg
     # a benchmark folder whose run comes from another method
     bench = tmp_path / "bench"
     other = bench / "runs" / "autoencoder"

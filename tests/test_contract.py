@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from medanomaly.data import ArrayDataset, make_toy_dataset, stack_dataset
-from medanomaly.methods.base import AnomalyResult, atomic_write_text, merge_params
+from medanomaly.methods.base import AnomalyResult, merge_params
+from medanomaly.training.atomic import atomic_write_text
 
 
 def test_merge_params_nested_and_dotted():

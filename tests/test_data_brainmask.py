@@ -8,7 +8,7 @@ import torch
 
 from medanomaly.data import data_root, get_preset, load_dataset
 from medanomaly.data.io import DataError
-from medanomaly.data.preprocess import brain_mask
+from medanomaly.data.masks import brain_mask
 
 torch.set_num_threads(1)
 

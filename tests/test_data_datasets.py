@@ -134,3 +134,40 @@ def test_pneumoniamnist_and_3d_views():
         assert "".join(nib.aff2axcodes(g["affine"])) == "RAS"
         np.testing.assert_allclose(np.sqrt((g["affine"][:3, :3] ** 2).sum(0)), [2, 2, 2], atol=1e-4)
     assert sb["label"] == 1 and sb["mask"].any() and si["label"] == 0 and si["has_mask"]
+
+
+def test_one_data_root_finder(tmp_path, monkeypatch):
+    from medanomaly.data import roots, samples
+
+    assert samples.data_root is roots.data_root  # the datasets use the one finder
+    monkeypatch.setenv("MEDANOMALY_DATA", str(tmp_path))
+    root, looked = roots.find_data_root()
+    assert root == tmp_path.resolve() and looked == [f"{tmp_path} (MEDANOMALY_DATA)"]
+    root, looked = roots.find_data_root(require="brain_lgg_flair_2d")  # a root must hold the sub-folder asked for
+    assert root is None and len(looked) == 1
+    (tmp_path / "brain_lgg_flair_2d").mkdir()
+    assert roots.find_data_root(require="brain_lgg_flair_2d")[0] == tmp_path.resolve()
+    monkeypatch.setenv("MEDANOMALY_DATA", str(tmp_path / "missing"))
+    assert roots.find_data_root() == (None, [f"{tmp_path / 'missing'} (MEDANOMALY_DATA)"])
+    monkeypatch.delenv("MEDANOMALY_DATA")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert tmp_path / "shared" / "data" in roots.candidates()
+    root, looked = roots.find_data_root()
+    assert root is not None and looked[-1] in (str(c) for c in roots.candidates())
+
+
+def test_item_dataset_inverts_maps_to_the_input_grid():
+    from medanomaly.data import ItemDataset, get_preset
+
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in (21, 19, 15)], indexing="ij"))
+    vol = ((g**2).sum(0) < 0.6) * (100 + 20 * g[0]).astype(np.float32)
+    pre = get_preset("brain-mri-3d", spacing=3.0)
+    ds = ItemDataset([("c0", lambda: pre(vol), 0)], spatial_dims=3, preset=pre.name)
+    item = ds.preprocessed(0)
+    back = ds.invert(0, item.image, mode="linear")
+    assert back.shape == vol.shape
+    want = pre.invert(item.foreground, item.meta, "nearest")
+    np.testing.assert_array_equal(ds.invert(0, item.foreground, mode="nearest"), want)
+    with pytest.raises(ValueError, match="no preset"):
+        ItemDataset([("c1", lambda: type(item)(item.image, item.foreground), 0)], spatial_dims=3).invert(0, item.image)

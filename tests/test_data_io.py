@@ -13,7 +13,7 @@ import torch
 
 from medanomaly.data import Loaded, read_image, read_mask, save_overlay_png, write_nifti_map, write_png_map
 from medanomaly.data.io import DataError, read_dicom
-from medanomaly.data.preprocess import get_preset
+from medanomaly.data.presets import get_preset
 
 torch.set_num_threads(1)
 
@@ -159,3 +159,80 @@ def test_overlay_png(tmp_path):
     assert save_overlay_png(vol, hv, None, tmp_path / "o3.png").exists()
     with pytest.raises(DataError, match="shapes differ"):
         save_overlay_png(img, heat[:5], None, tmp_path / "bad.png")
+
+
+def test_geometry_and_dtype_checks(tmp_path, monkeypatch):
+    """Complex arrays, boolean images, degenerate DICOM geometry, 2D NIfTI with pixdim[3] = 0, write errors."""
+    import medanomaly.data.io as io_mod
+    from medanomaly.data.io import check_array
+
+    with pytest.raises(DataError, match="complex-valued"):
+        check_array(np.ones((3, 3), np.complex64), "c.npy")
+    assert check_array(np.ones((3, 3), bool)).dtype == bool
+
+    # boolean voxels are a mask: refused by read_image, accepted by read_mask
+    p = tmp_path / "b.nii.gz"
+    nib.save(nib.Nifti1Image(np.eye(4, dtype=np.uint8), np.eye(4)), str(p))
+    real = io_mod.read_nifti
+    monkeypatch.setattr(io_mod, "read_nifti", lambda path: Loaded(real(path).array > 0, np.eye(4), (1.0, 1.0)))
+    with pytest.raises(DataError, match="boolean data"):
+        read_image(p)
+    assert read_mask(p).array.sum() == 4
+    monkeypatch.undo()
+
+    # a 2D NIfTI whose third pixdim is 0 is fine (only the first two axes matter)
+    p2 = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(np.arange(30, dtype=np.float32).reshape(5, 6), np.eye(4)), str(p2))
+    q = corpus.patch_nifti(p2, tmp_path / "flat0.nii", pixdim=[1, 0.5, 0.5, 0, 1, 1, 1, 1])
+    assert read_image(q).shape == (5, 6)
+
+    d = make_dicom(tmp_path / "zero_sp.dcm", np.arange(16).reshape(4, 4), spacing=(0.0, 1.0))
+    with pytest.raises(DataError, match=r"zero_sp\.dcm: DICOM PixelSpacing \(0\.0, 1\.0\) must be positive"):
+        read_dicom(d)
+    series = tmp_path / "iop"
+    series.mkdir()
+    for k in range(2):
+        make_dicom(series / f"{k}.dcm", np.full((4, 4), k + 1), position=(0, 0, k), orientation=(1, 0, 0, 1, 0, 0))
+    with pytest.raises(DataError, match="does not give two independent directions"):
+        read_image(series)
+    nested = tmp_path / "nested"
+    (nested / "series1").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"only subfolders \['series1'\]"):
+        read_image(nested)
+
+    target = tmp_path / "taken.nii.gz"
+    target.mkdir()
+    with pytest.raises(DataError, match=r"taken\.nii\.gz: cannot write the file"):
+        write_nifti_map(np.ones((4, 4, 4)), np.eye(4), target)
+
+
+def test_manifest_slice_numbers_must_differ(tmp_path):
+    from PIL import Image
+
+    from medanomaly.data import read_manifest
+
+    for j in range(2):
+        Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) + j).save(tmp_path / f"{j}.png")
+    man = tmp_path / "m.csv"
+    man.write_text("case_id,image,slice\nc,0.png,3\nc,1.png,3\n")
+    with pytest.raises(DataError, match=r"case_id 'c': rows \[1, 2\] repeat a slice number"):
+        read_manifest(man)
+    man.write_text("case_id,image,slice\nc,0.png,x\n")
+    with pytest.raises(DataError, match="slice 'x' is not a whole number"):
+        read_manifest(man)
+
+
+def test_single_row_image_is_refused(tmp_path):
+    from PIL import Image
+
+    p = tmp_path / "row.png"
+    Image.fromarray(np.arange(20, dtype=np.uint8)[None]).save(p)
+    with pytest.raises(DataError, match=r"row\.png: image is a single row or column of pixels \(shape \(1, 20\)\)"):
+        read_image(p)
+
+
+def test_float32_overflow_is_named(tmp_path):
+    p = tmp_path / "big.nii"
+    nib.save(nib.Nifti1Image(np.full((3, 3, 3), 1e300), np.eye(4)), str(p))
+    with pytest.raises(DataError, match=r"big\.nii: voxel values .* overflow float32"):
+        read_image(p)

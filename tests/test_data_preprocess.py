@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from medanomaly.data import Loaded, get_preset, list_presets
+from medanomaly.data.geometry import crop_or_pad, fit_2d, reorient, resample, unfit_2d
+from medanomaly.data.intensity import equalize_histogram
 from medanomaly.data.io import DataError
-from medanomaly.data.preprocess import (
-    crop_or_pad,
-    equalize_histogram,
-    fit_2d,
-    foreground_mask,
-    reorient,
-    resample,
-    unfit_2d,
-)
+from medanomaly.data.masks import fill_mask_holes, foreground_mask, otsu_threshold
 
 torch.set_num_threads(1)
 
@@ -167,10 +161,15 @@ def test_cxr_window_equalise_range():
 def test_fill_holes_matches_scipy():
     from scipy import ndimage as ndi
 
-    from medanomaly.data.preprocess import _fill_holes
-
     rng = np.random.default_rng(5)
     for _ in range(10):
         a = ndi.binary_opening(rng.uniform(size=(4, 20, 21)) < 0.55)
-        np.testing.assert_array_equal(_fill_holes(a, 0), np.stack([ndi.binary_fill_holes(x) for x in a]))
-        np.testing.assert_array_equal(_fill_holes(a), ndi.binary_fill_holes(a))
+        np.testing.assert_array_equal(fill_mask_holes(a, 0), np.stack([ndi.binary_fill_holes(x) for x in a]))
+        np.testing.assert_array_equal(fill_mask_holes(a), ndi.binary_fill_holes(a))
+
+
+def test_otsu_threshold_splits_two_modes():
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.normal(10, 1, 5000), rng.normal(50, 2, 3000)])
+    t = otsu_threshold(x)  # any threshold in the empty gap between the modes is optimal
+    assert (x[:5000] < t).mean() > 0.99 and (x[5000:] > t).all()

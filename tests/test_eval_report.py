@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medanomaly.data import make_toy_dataset
 from medanomaly.data.dataset import stack_dataset
-from medanomaly.evaluation import pixel_metrics, reduce_map, sample_metrics
-from medanomaly.evaluation.report import write_comparison_table, write_report
+from medanomaly.evaluation import image_scores, pixel_metrics, sample_metrics, write_comparison_table, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -36,7 +36,7 @@ def test_write_report_toy(tmp_path: Path, spatial_dims: int) -> None:
     img, fg, mask = b["image"].numpy(), b["foreground"].numpy(), b["mask"].numpy()
     scores = np.abs(img[:, 0] - 0.5) + 0.01 * np.random.default_rng(0).random(img[:, 0].shape)
     pm = pixel_metrics(scores, mask, fg)
-    img_scores = reduce_map(scores, "max", foreground=fg)
+    img_scores = image_scores(torch.from_numpy(scores), torch.from_numpy(fg), "max").numpy()
     sm = sample_metrics(img_scores, b["label"])
     metrics = {"pixel_ap": pm["ap"], "pixel_auroc": pm["auroc"], "best_dice": pm["best_dice"],
                "best_threshold": pm["best_threshold"], "sample_ap": sm["ap"], "sample_auroc": sm["auroc"],
@@ -82,3 +82,12 @@ def test_write_comparison_table(tmp_path: Path) -> None:
     assert page.count("<tr>") == 3 and "<b>0.5500</b>" in page
     with pytest.raises(ValueError, match="no rows"):
         write_comparison_table([], tmp_path)
+
+
+def test_importing_evaluation_does_not_load_matplotlib() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, medanomaly.evaluation as e; e.write_report; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medanomaly.evaluation.metrics import StreamingPixelMetrics, per_case_dice, pixel_metrics
+from medanomaly.evaluation.metrics import per_case_dice, pixel_metrics
+from medanomaly.evaluation.streaming import StreamingPixelMetrics
 
 KEYS = ("ap", "auroc", "best_dice")
 

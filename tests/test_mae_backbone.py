@@ -112,7 +112,7 @@ def test_pretraining_lowers_loss_and_checkpoints(tmp_path: Path) -> None:
                               "val_every": 20, "checkpoint_every": 30},
                        val_images=x[:4], run_dir=tmp_path, quiet=True)
     assert masked_val_loss(m, x, 0.5) < 0.5 * before
-    assert res.steps_done == 60 and (tmp_path / "checkpoints" / "mae.pt").exists()
+    assert res.steps_done == 60 and (tmp_path / "checkpoints" / "mae.json").exists()
     with pytest.raises(ValueError, match="NaN"):
         pretrain_mae(m, x * float("nan"), {"steps": 1})
 

@@ -12,6 +12,7 @@ import torch
 from medanomaly.data import ImageDataset, make_toy_dataset, stack_dataset
 from medanomaly.methods import get_method, get_method_class, load_detector
 from medanomaly.methods.amae import pseudo_label
+from medanomaly.methods.base import RunContext
 
 torch.set_num_threads(1)
 
@@ -21,9 +22,7 @@ METHODS = ("mae", "amae", "mae-pseudo")
 def _det(name: str, **over: Any) -> Any:
     params = get_method_class(name).config_set("test")
     params.update(over)
-    det = get_method(name, **params)
-    det.quiet = True
-    return det
+    return get_method(name, **params)
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +63,17 @@ def test_bad_input_and_unfitted(name: str, data: tuple) -> None:
 def test_amae_stage2_with_unlabeled_pool_and_pretrained(data: tuple, tmp_path: Path) -> None:
     train, test = data
     mae = _det("mae")
-    mae.fit(train)
+    mae.fit(train, context=RunContext(quiet=True))
     mae_run = mae.save(tmp_path / "mae")
     pool = _ImagesOnly(make_toy_dataset(n=10, size=32, abnormal_fraction=0.5, seed=3))
     det = _det("amae", pretrained=str(mae_run))
-    det.work_dir = tmp_path / "work"
-    det.fit(train, unlabeled=pool)
+    det.fit(train, unlabeled=pool, context=RunContext(work_dir=tmp_path / "work", quiet=True))
     assert det.train_log[0] == {"stage": "pretrain", "loaded_from": str(mae_run)}  # no pre-training of its own
     enc = {k: v for k, v in det.state_tensors().items() if k.startswith("mae.")}
     assert all(torch.equal(v, mae.state_tensors()[k]) for k, v in enc.items())
     info = det.pool_info
     assert info["pool_size"] == 10 and info["pseudo_normal"] + info["pseudo_abnormal"] <= 10 and info["pseudo_abnormal"] >= 1
-    for f in ("stage1/checkpoints/head.pt", "stage2/checkpoints/module_a.pt", "stage2/checkpoints/module_b.pt"):
+    for f in ("stage1/checkpoints/head.json", "stage2/checkpoints/module_a.json", "stage2/checkpoints/module_b.json"):
         assert (tmp_path / "work" / f).exists(), f
     res = det.predict(test["image"], test["foreground"])
     assert res.pixel_scores.shape == (6, 32, 32) and "reconstructions_b" in res.extras

@@ -8,6 +8,7 @@ import torch
 
 from medanomaly.data import make_toy_dataset, stack_dataset
 from medanomaly.methods import get_method_class, load_detector
+from medanomaly.methods.base import RunContext
 from medanomaly.methods.mim_ood.common import random_token_corruption, train_token_classifier
 from medanomaly.nets.tokens import (
     MaskBank,
@@ -28,9 +29,7 @@ METHODS = ["mim-ood", "ar-restoration", "token-critic"]
 
 def _tiny(method: str, **over: object) -> object:
     cls = get_method_class(method)
-    det = cls(**{**cls.config_set("test"), **over})
-    det.quiet = True
-    return det
+    return cls(**{**cls.config_set("test"), **over})
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,8 @@ def fitted(toy: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = {}
     for m in METHODS:
         det = _tiny(m)
-        det.work_dir = tmp_path_factory.mktemp(m.replace("-", "_"))
-        out[m] = det.fit(toy["train"], toy["val"])
+        ctx = RunContext(work_dir=tmp_path_factory.mktemp(m.replace("-", "_")), quiet=True)
+        out[m] = det.fit(toy["train"], toy["val"], context=ctx)
     return out
 
 
@@ -304,8 +303,8 @@ def test_reuse_modules_and_fixed_threshold(fitted: dict, toy: dict, tmp_path) ->
         assert torch.equal(a.cpu(), b.cpu())
     assert det.threshold == 0.3
     assert not any(r.get("stage") in ("tokenizer", "mvtm") for r in det.train_log)
-    with pytest.raises(KeyError, match="atd"):
-        _tiny("token-critic", **{"reuse": {"run_dir": str(tmp_path / "mim"), "modules": ["atd"]}}).fit(toy["train"])
+    with pytest.raises(ValueError, match=r"reuse.modules\[0\] = 'atd': expected one of"):  # refused when built
+        _tiny("token-critic", **{"reuse": {"run_dir": str(tmp_path / "mim"), "modules": ["atd"]}})
 
 
 def test_3d_volumes() -> None:

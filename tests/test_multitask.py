@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from medanomaly.data import make_toy_dataset
+from medanomaly.methods.base import RunContext
 from medanomaly.methods.multitask import MultiTaskDetector, MultiTaskUNet, assign_folds, select_combinations, task_combinations
 from medanomaly.nets.posenc import PositionalEncoding, coordinate_grid, fourier_features
 
@@ -146,9 +147,7 @@ def test_assign_folds_groups_and_balance():
 def _tiny(**over):
     params = MultiTaskDetector.config_set("test")
     params.update(over)
-    det = MultiTaskDetector(**params)
-    det.quiet = True
-    return det
+    return MultiTaskDetector(**params)
 
 
 def test_params_are_checked():
@@ -171,8 +170,7 @@ def fitted(tmp_path_factory):
     work = tmp_path_factory.mktemp("mt_work")
     ds = make_toy_dataset(20, 24, 2, seed=1)
     det = _tiny()
-    det.work_dir = work
-    det.fit(ds)
+    det.fit(ds, context=RunContext(work_dir=work, quiet=True))
     return det, ds, work
 
 
@@ -187,7 +185,7 @@ def test_fit_predict_members_and_validation_state(fitted):
     for m in table:
         assert np.isfinite(m["synthetic_val_loss"]) and m["best_step"] is not None
         assert not set(m["train_folds"]) & set(m["val_folds"])
-        assert (work / m["name"] / "member.json").exists() and (work / m["name"] / "checkpoints" / "unet.pt").exists()
+        assert (work / m["name"] / "member.json").exists() and (work / m["name"] / "checkpoints" / "unet.json").exists()
     assert {r["member"] for r in det.train_log} == {m["name"] for m in table}
     b = [ds[i] for i in range(3)]
     x = torch.stack([s["image"] for s in b])
@@ -227,14 +225,12 @@ def test_refit_reuses_finished_members_and_retrains_on_new_settings(fitted):
     det, ds, work = fitted
     x = torch.stack([ds[i]["image"] for i in range(2)])
     again = _tiny()
-    again.work_dir = work
-    again.fit(ds)
+    again.fit(ds, context=RunContext(work_dir=work, resume=True, quiet=True))
     assert torch.equal(again.predict(x).pixel_scores, det.predict(x).pixel_scores)
     assert again.member_info == det.member_info
     changed = _tiny(seed=5, members=[0])
-    changed.work_dir = work
     with pytest.warns(UserWarning, match="other settings"):
-        changed.fit(ds)
+        changed.fit(ds, context=RunContext(work_dir=work, resume=True, quiet=True))
     assert not torch.equal(changed.predict(x).pixel_scores, det.predict(x, member=0).pixel_scores)
 
 
@@ -265,7 +261,8 @@ def test_fit_3d_and_bad_input():
                    "val_metric": "ap", "tasks.label_sigma_units": "absolute"})
     det.params["predict"]["roi_size"] = [12, 12, 12]
     det.fit(ds)
-    assert det.params["spatial_dims"] == 3 and det.label_sigma_effective == pytest.approx(0.2)
+    assert det.params["spatial_dims"] is None and det.spatial_dims_ == 3  # fitted state, params untouched
+    assert det.label_sigma_effective == pytest.approx(0.2)
     assert det.member_info[0]["val_metric"] == "ap" and det.member_info[0]["best_val"] == pytest.approx(
         max(r["val"] for r in det.train_log if "val" in r))
     r = det.predict(torch.stack([ds[0]["image"]]))
@@ -280,17 +277,27 @@ def test_inter_source_fallback_and_real_data():
     from medanomaly.methods.multitask import detector as d
 
     pool2 = d._HealthyPool.from_dataset(make_toy_dataset(6, 16, 2, seed=0))
-    inv = d._inter_source("inverted", pool2, True)
+    inv = d._inter_source("inverted", pool2, True, None)
     assert len(inv) == 6 and np.allclose(inv[0], pool2.images[0].max() + pool2.images[0].min() - pool2.images[0])
-    assert d._inter_source(None, pool2, False) is None
+    assert d._inter_source(None, pool2, False, None) is None
     with pytest.raises(ValueError, match="inter_source is null"):
-        d._inter_source(None, pool2, True)
-    from medanomaly.data import data_root
+        d._inter_source(None, pool2, True, None)
+    with pytest.warns(UserWarning, match="contrast-inverted"):  # 'auto' without the data set given
+        assert len(d._inter_source("auto", pool2, True, None)) == 6
+    with pytest.raises(ValueError, match="pass its healthy images"):  # a named data set must be passed in
+        d._inter_source("pneumoniamnist", pool2, True, None)
+    # the method asks the pipeline for the data set instead of loading it itself
+    params = MultiTaskDetector(**{"tasks.inter_source": "auto"}).get_params()
+    assert MultiTaskDetector.data_sources(params) == {
+        "inter_source": {"data": "pneumoniamnist", "split": "train", "optional": True}}
+    assert MultiTaskDetector.data_sources({**params, "tasks": {**params["tasks"], "inter_source": "inverted"}}) == {}
+    from medanomaly.data import data_root, load_dataset
 
     if data_root(required=False) is None:
         pytest.skip("shared data not available")
-    real = d._inter_source("auto", pool2, True)  # chest X-rays for brain slices
+    cxr = load_dataset("pneumoniamnist", "train", normal_only=True)
+    real = d._inter_source("auto", pool2, True, cxr)  # chest X-rays for brain slices
     assert len(real) == d.INTER_MAX_IMAGES[2] and real[0].ndim == 3 and real[0].shape[0] == 1
     pool3 = d._HealthyPool.from_dataset(make_toy_dataset(3, 16, 3, seed=0))
-    vols = d._inter_source("auto", pool3, True)  # extruded into volumes
+    vols = d._inter_source("auto", pool3, True, cxr)  # extruded into volumes
     assert len(vols) == d.INTER_MAX_IMAGES[3] and vols[0].ndim == 4 and vols[0].shape[1] == vols[0].shape[-1]

@@ -13,7 +13,8 @@ import torch
 
 from medanomaly.data import make_toy_dataset
 from medanomaly.data.dataset import stack_dataset
-from medanomaly.evaluation.report import _log_panels, _pick_healthy, write_report
+from medanomaly.evaluation import write_report
+from medanomaly.evaluation.figures import log_panels, pick_healthy
 
 torch.set_num_threads(1)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -65,16 +66,16 @@ def test_write_report_3d_restorations_only(tmp_path: Path) -> None:
 
 
 def test_log_panels_and_healthy_picks() -> None:
-    panels, groups = _log_panels(_log())
+    panels, groups = log_panels(_log())
     assert groups == ["tokenizer", "m01"]  # records without a step are skipped
     assert set(panels) == {"loss", "lr", "val", "val_ap"}  # grad_norm, seconds, best_val are not curves
     assert panels["val"] == {"tokenizer": ([10.0], [0.2])} and len(panels["loss"]["m01"][0]) == 31
     scores = np.array([5.0, 1.0, 4.0, 3.0, 9.0, 2.0, 0.5, 0.7, 0.8])
     labels = np.array([0, 0, 0, 0, 1, 0, -1, 0, 0])
-    picks = _pick_healthy(scores, labels, None)
+    picks = pick_healthy(scores, labels, None)
     assert [i for _, i, _ in picks] == [0, 2, 3, 5]  # label 0 only: 3 highest, then the median of the 7 normals
-    assert [i for _, i, _ in _pick_healthy(scores[:4], labels[:4], None)] == [0, 2, 3]  # median already shown
-    assert _pick_healthy(scores, np.ones(9), None) == []
+    assert [i for _, i, _ in pick_healthy(scores[:4], labels[:4], None)] == [0, 2, 3]  # median already shown
+    assert pick_healthy(scores, np.ones(9), None) == []
 
 
 def test_bad_extras_are_clear_errors(tmp_path: Path) -> None:
@@ -92,7 +93,8 @@ def test_bad_extras_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_evaluate_run_autoencoder_report_has_restorations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from medanomaly import pipeline
+    from medanomaly.app.evaluate import evaluate_run
+    from medanomaly.app.train import train_run
     from medanomaly.methods import get_method_class
 
     params = get_method_class("autoencoder").test_params()
@@ -101,9 +103,9 @@ def test_evaluate_run_autoencoder_report_has_restorations(tmp_path: Path, monkey
     overrides.update({"train.steps": 3, "train.val_every": 2})  # a log with train and validation records
     train = make_toy_dataset(8, 16, seed=0)
     test = make_toy_dataset(4, 16, abnormal_fraction=0.5, seed=1)
-    pipeline.train_run("autoencoder", train, tmp_path / "run", val_split=None, overrides=overrides, seed=0, quiet=True)
+    train_run("autoencoder", train, tmp_path / "run", val_split=None, overrides=overrides, seed=0, quiet=True)
     assert (tmp_path / "run" / "train_log.jsonl").is_file()
-    m = pipeline.evaluate_run(tmp_path / "run", test, tmp_path / "ev", quiet=True)
+    m = evaluate_run(tmp_path / "run", test, tmp_path / "ev", quiet=True)
     page = Path(m["report"])
     assert _links(page) >= {"cases.png", "healthy.png", "training_curves.png"}
     assert (tmp_path / "ev" / "cases.png").read_bytes().startswith(PNG)
@@ -122,7 +124,7 @@ def test_evaluate_run_autoencoder_report_has_restorations(tmp_path: Path, monkey
         return res
 
     monkeypatch.setattr(AutoencoderDetector, "predict", small_restoration)
-    pipeline.evaluate_run(tmp_path / "run", make_toy_dataset(2, 16, abnormal_fraction=1.0, seed=3), tmp_path / "ev2", quiet=True)
+    evaluate_run(tmp_path / "run", make_toy_dataset(2, 16, abnormal_fraction=1.0, seed=3), tmp_path / "ev2", quiet=True)
     note = json.loads((tmp_path / "ev2" / "settings.json").read_text())["restorations"]
     assert "not shown" in note and "(2, 8, 8)" in note and "(2, 16, 16)" in note
     assert "restoration (the method" not in (tmp_path / "ev2" / "report.html").read_text()
@@ -131,11 +133,10 @@ def test_evaluate_run_autoencoder_report_has_restorations(tmp_path: Path, monkey
 @pytest.mark.parametrize("method", ["autoencoder", "mae"])
 def test_methods_return_restoration_at_input_size(method: str, tmp_path: Path) -> None:
     from medanomaly.methods import get_method, get_method_class
+    from medanomaly.methods.base import RunContext
 
     det = get_method(method, **get_method_class(method).test_params())
-    det.quiet = True
-    det.work_dir = tmp_path
-    det.fit(make_toy_dataset(n=8, size=32, seed=1))
+    det.fit(make_toy_dataset(n=8, size=32, seed=1), context=RunContext(work_dir=tmp_path, quiet=True))
     size = 32 if method == "autoencoder" else 48  # the MAE works at its own model size: resized back to the input's
     b = stack_dataset(make_toy_dataset(n=2, size=size, abnormal_fraction=0.5, seed=2))
     res = det.predict(b["image"], b["foreground"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from medanomaly.training import TrainConfig, train_model
+from medanomaly.training import TrainConfig, load_checkpoint, train_model
 from medanomaly.training.ddp import is_distributed, shard_batch, shard_indices
 
 torch.set_num_threads(1)
@@ -104,9 +104,9 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
         assert all(torch.equal(w0[k], w1[k]) for k in w0), f"{mode}: ranks ended with different weights"
         losses = json.loads((tmp_path / f"{mode}_rank0.json").read_text())
         assert len(losses) == 25 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
-        assert (tmp_path / mode / "checkpoints" / "model.pt").exists()
+        assert (tmp_path / mode / "checkpoints" / "model.json").exists()
         if mode == "ddp":  # two halves of the global batch with averaged gradients == the global batch
-            last = torch.load(tmp_path / mode / "checkpoints" / "model.pt", weights_only=False)["model"]
+            last = load_checkpoint(tmp_path / mode / "checkpoints" / "model.json")["model"]
             for k, v in single.state_dict().items():
                 torch.testing.assert_close(last[k], v, rtol=1e-4, atol=1e-5)
 

@@ -1,5 +1,5 @@
 """``medanomaly``: the command line. Each command parses options and calls one function of
-:mod:`medanomaly.pipeline`; heavy imports happen inside the commands so ``--help`` stays fast.
+:mod:`medanomaly.app` (one module per verb); heavy imports happen inside the commands so ``--help`` stays fast.
 
 Errors a user can fix (wrong method name, bad run folder, unknown parameter, existing output) print one line
 ``error: ...`` and exit with code 1. Set ``MEDANOMALY_DEBUG=1`` to see the full traceback instead.
@@ -33,8 +33,9 @@ EXIT_INTERRUPTED = 130
 def _message(e: BaseException) -> str:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     msg = str(msg).strip().replace("\n", " ")
-    known = ("PipelineError", "DataNotFoundError", "RunFolderError", "KeyError", "ValueError", "FileNotFoundError")
-    return msg if type(e).__name__ in known else f"{type(e).__name__}: {msg}"
+    # our own errors (all ValueError subclasses: PipelineError, RunFolderError, DataError, ParameterError ...)
+    # and missing keys/files read as a plain sentence; anything else says what it is
+    return msg if isinstance(e, ValueError | KeyError | FileNotFoundError) else f"{type(e).__name__}: {msg}"
 
 
 @contextlib.contextmanager
@@ -90,16 +91,16 @@ def train(
 
         medanomaly train autoencoder --data my_manifest.csv --out runs/ae --resume
     """
-    from medanomaly import pipeline
+    from medanomaly.app.config import parse_overrides
+    from medanomaly.app.train import train_run
 
     if config is not None and config_set is not None:
         typer.echo("error: give either --config or --config-set, not both", err=True)
         raise typer.Exit(EXIT_ERROR)
     with _errors():
-        overrides = pipeline.parse_overrides(set_)
-        s = pipeline.train_run(method, data, out, split=split, config_set=config_set, config_file=config,
-                               overrides=overrides, seed=seed, preset=preset, size=size, resume=resume, force=force,
-                               quiet=quiet)
+        overrides = parse_overrides(set_)
+        s = train_run(method, data, out, split=split, config_set=config_set, config_file=config,
+                      overrides=overrides, seed=seed, preset=preset, size=size, resume=resume, force=force, quiet=quiet)
         typer.echo(f"trained {s.method} on {s.n_train} images in {s.seconds:.1f} s -> {s.run_dir}")
 
 
@@ -122,10 +123,10 @@ def predict(
 
         medanomaly predict runs/ae slice_012.png --out maps/
     """
-    from medanomaly import pipeline
+    from medanomaly.app.predict import predict_files
 
     with _errors():
-        written = pipeline.predict_files(run, inputs, out, force=force, quiet=quiet)
+        written = predict_files(run, inputs, out, force=force, quiet=quiet)
         typer.echo(f"wrote {len(written)} map(s) to {out}")
 
 
@@ -149,10 +150,10 @@ def evaluate(
 
         medanomaly evaluate runs/ae --data my_manifest.csv --split val --out eval/ae-val
     """
-    from medanomaly import pipeline
+    from medanomaly.app.evaluate import evaluate_run
 
     with _errors():
-        m = pipeline.evaluate_run(run, data, out, split=split, batch_size=batch_size, force=force, quiet=quiet)
+        m = evaluate_run(run, data, out, split=split, batch_size=batch_size, force=force, quiet=quiet)
         keys = ("pixel_ap", "pixel_auroc", "best_dice", "sample_ap", "sample_auroc", "seconds_per_image", "device")
         typer.echo("  ".join(f"{k}={_fmt(m.get(k))}" for k in keys))
         if m.get("report"):
@@ -172,14 +173,16 @@ def benchmark(
     seed: Annotated[int | None, typer.Option(help="Random seed for every method.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for the preset (default: the dataset's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue unfinished (killed) runs from their checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when finished runs exist.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train (or reuse) and evaluate several methods on the same split; write one comparison table.
 
-    Finished runs in OUT/runs/<label> trained with the same settings are reused. Within the MIM family the
-    first method trains the VQ-VAE the others reuse; within the MAE family `mae` pre-trains the MAE the others
-    start from (--no-share: each trains its own).
+    Finished runs in OUT/runs/<label> trained with the same settings on the same images are reused; an unfinished
+    one needs --resume (or --force). Methods declare the parts they can share: within the MIM family the first
+    method trains the VQ-VAE the others reuse; within the MAE family `mae` pre-trains the MAE the others start
+    from (--no-share: each trains its own).
 
     Examples:
 
@@ -190,14 +193,14 @@ def benchmark(
 
         medanomaly benchmark -m intensity,multitask --train-data ixi-t1-3d:spacing=6 -d brats2018-3d:modality=t1
     """
-    from medanomaly import pipeline
+    from medanomaly.app.benchmark import parse_benchmark_methods, parse_benchmark_overrides, run_benchmark
 
     with _errors():
-        labels = [lab for lab, _ in pipeline.parse_benchmark_methods(methods.split(","))]
-        overrides = pipeline.parse_benchmark_overrides(sets, labels)
-        rows = pipeline.run_benchmark(methods.split(","), data, out, config_set=config_set, overrides=overrides,
-                                      split=split, train_data=train_data, seed=seed, size=size, batch_size=batch_size,
-                                      share=share, force=force, quiet=quiet)
+        labels = [lab for lab, _ in parse_benchmark_methods(methods.split(","))]
+        overrides = parse_benchmark_overrides(sets, labels)
+        rows = run_benchmark(methods.split(","), data, out, config_set=config_set, overrides=overrides, split=split,
+                             train_data=train_data, seed=seed, size=size, batch_size=batch_size, share=share,
+                             resume=resume, force=force, quiet=quiet)
         for r in rows:
             typer.echo("  ".join(f"{k}={_fmt(r.get(k))}" for k in ("method", "pixel_ap", "best_dice", "sample_auroc",
                                                                    "seconds_per_image")))
@@ -207,6 +210,7 @@ def benchmark(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("medanomaly-demo"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed demo run from its checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when a finished demo run exists.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -220,10 +224,10 @@ def demo(
 
         MEDANOMALY_DATA=/data/medanomaly medanomaly demo --out /tmp/demo
     """
-    from medanomaly import pipeline
+    from medanomaly.app.demo import run_demo
 
     with _errors():
-        m = pipeline.run_demo(out, force=force, quiet=quiet)
+        m = run_demo(out, resume=resume, force=force, quiet=quiet)
         keys = ("method", "pixel_ap", "pixel_auroc", "best_dice", "sample_ap", "sample_auroc", "seconds_per_image")
         typer.echo("  ".join(f"{k}={_fmt(m.get(k))}" for k in keys))
         typer.echo(f"demo finished in {m['total_seconds']:.0f} s")
@@ -242,10 +246,10 @@ def list_(
 
         medanomaly list --json
     """
-    from medanomaly import pipeline
+    from medanomaly.app.listing import list_everything
 
     with _errors():
-        info = pipeline.list_everything()
+        info = list_everything()
         if as_json:
             typer.echo(json.dumps(info, indent=1))
             return

@@ -299,6 +299,17 @@ class ItemDataset(ImageDataset):
         p = self.preprocessed(i)
         return {"affine": p.affine, **p.meta}
 
+    def invert(self, i: int, amap: Any, mode: str = "linear") -> np.ndarray:
+        """A map on item ``i``'s preprocessed grid -> the map on its input file's own grid (the preset's ``invert``;
+        for 3D the input's voxel grid, so the input's affine is right for it). ``mode="nearest"`` for masks."""
+        from medanomaly.data.presets import get_preset
+
+        p = self.preprocessed(i)
+        cfg = dict(p.meta.get("preset") or {})
+        if "name" not in cfg:
+            raise ValueError(f"dataset {self.name!r}: item {i} records no preset; cannot invert its map")
+        return get_preset(cfg.pop("name"), **cfg).invert(amap, p.meta, mode)
+
     def get(self, i: int) -> dict[str, Any]:
         cid, _, label = self.items[i]
         p = self.preprocessed(i)

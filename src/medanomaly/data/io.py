@@ -5,11 +5,17 @@ convention; DICOM's LPS is converted), the voxel spacing and a metadata dict (``
 format carries, e.g. the DICOM window). 2D images are ``(rows, cols)``; volumes are indexed in the order their affine
 describes (NIfTI order; DICOM series as ``(col, row, slice)`` like dcm2niix).
 
-Bad files raise :class:`DataError` (a ``ValueError``) whose message names the file and the problem.
+Bad files raise :class:`DataError` (a ``ValueError``) whose message names the file and the problem. Sizes are checked
+from the header before anything is decoded (:mod:`medanomaly.data.limits`, ``MEDANOMALY_MAX_VOXELS``); geometry that
+cannot be used is refused with its reason: zero/negative/NaN spacing, a singular or non-finite affine, complex voxels,
+4D files with several volumes, single-voxel images, DICOM series with duplicate or irregularly spaced slices (unless
+``allow_irregular_spacing=True``, which resamples them onto a regular grid).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.data.limits import DataError, VoxelBudgetError, check_voxel_budget
+
 __all__ = [
     "DataError",
+    "VoxelBudgetError",
     "Loaded",
     "read_image",
     "read_mask",
@@ -38,10 +47,12 @@ __all__ = [
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+FILE_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom", ".npz") + PIL_SUFFIXES
+# DICOM series: slices closer than DUP_FRACTION x the median step are duplicates; steps may vary by
+# SPACING_RTOL x median + SPACING_ATOL mm (position rounding) before the series counts as irregular.
+DUP_FRACTION, SPACING_RTOL, SPACING_ATOL = 0.05, 0.02, 0.01
 
-
-class DataError(ValueError):
-    """A problem with input data: the message names the file (when there is one) and the problem."""
+log = logging.getLogger("medanomaly.data")
 
 
 @dataclass
@@ -92,7 +103,9 @@ def check_array(a: np.ndarray, path: Path | str | None = None, *, what: str = "i
         return a
     if not np.issubdtype(a.dtype, np.number):
         raise DataError(f"{_name(path)}{what} has a non-numeric dtype {a.dtype}")
-    if np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating):
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise DataError(f"{_name(path)}{what} is complex-valued (dtype {a.dtype}); take the magnitude or real part first")
+    if np.issubdtype(a.dtype, np.floating):
         bad = ~np.isfinite(a)
         if bad.any():
             raise DataError(f"{_name(path)}{what} contains {int(bad.sum())} NaN/Inf values")
@@ -105,6 +118,9 @@ def detect_format(path: Path) -> str:
     """``nifti``, ``dicom``, ``dicom-series`` (a folder), ``pil`` or ``npz``; unknown formats raise."""
     name = path.name.lower()
     if path.is_dir():
+        if name.endswith(FILE_SUFFIXES):
+            raise DataError(f"{path}: is a directory, not a file (a name ending in {''.join(path.suffixes)} means a file; "
+                            "a DICOM series folder should not carry a file suffix)")
         return "dicom-series"
     if name.endswith(".nii") or name.endswith(".nii.gz"):
         return "nifti"
@@ -114,32 +130,59 @@ def detect_format(path: Path) -> str:
         return "pil"
     if name.endswith(".npz"):
         return "npz"
-    try:  # DICOM files often have no suffix: look for the "DICM" preamble marker
-        with open(path, "rb") as f:
-            head = f.read(132)
-        if len(head) == 132 and head[128:132] == b"DICM":
-            return "dicom"
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+    head = _probe(path, 132)  # DICOM files often have no suffix: look for the "DICM" preamble marker
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
     raise DataError(
         f"{path}: unknown image format (suffix {''.join(path.suffixes) or 'none'}); "
-        "expected .nii/.nii.gz, .dcm (or a DICOM folder), .png/.jpg/.tif, or an LGG .npz"
+        "expected .nii/.nii.gz, .dcm (or a DICOM folder) or .png/.jpg/.tif"
     )
 
 
-def read_image(path: str | Path, *, expect_dims: int | None = None, allow_constant: bool = False, **kw: Any) -> Loaded:
+def _probe(path: Path, n: int = 1) -> bytes:
+    """The first ``n`` bytes of a file; unreadable files (permissions, I/O errors) raise a DataError naming them."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except PermissionError:
+        raise DataError(f"{path}: permission denied: the file cannot be read by this user") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or type(e).__name__})") from None
+
+
+def read_image(path: str | Path, *, expect_dims: int | None = None, allow_constant: bool = False,
+               allow_irregular_spacing: bool = False, **kw: Any) -> Loaded:
     """Read any supported image, dispatching on the format.
 
     ``expect_dims`` (2 or 3) checks the number of spatial dimensions; trailing singleton axes are squeezed (a 4D
-    NIfTI with one time point is fine, a real 4D series is an error). ``kw`` goes to the format's reader.
+    NIfTI with one time point is fine, a real 4D series is an error). ``allow_irregular_spacing`` (DICOM series
+    only) resamples a series with uneven slice steps onto a regular grid instead of refusing it. ``kw`` goes to
+    the format's reader. The shared LGG ``.npz`` is a dataset file, not a scan, and is refused here.
     """
+    return _read_any(path, expect_dims, allow_constant, allow_irregular_spacing, allow_bool=False, **kw)
+
+
+def _read_any(path: str | Path, expect_dims: int | None, allow_constant: bool, allow_irregular_spacing: bool, *,
+              allow_bool: bool, **kw: Any) -> Loaded:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     fmt = detect_format(path)
-    reader = {"nifti": read_nifti, "dicom": read_dicom, "dicom-series": read_dicom_series, "pil": read_pil,
-              "npz": read_lgg_npz}[fmt]
+    if fmt == "npz":
+        raise DataError(f"{path}: an .npz is a file of the shared LGG data set, not a scan; use the built-in dataset "
+                        "(--data lgg-flair-2d) or a manifest of NIfTI/DICOM/PNG images")
+    if fmt != "dicom-series":
+        _probe(path)
+    if allow_irregular_spacing and fmt == "dicom-series":
+        kw["allow_irregular_spacing"] = True
+    reader = {"nifti": read_nifti, "dicom": read_dicom, "dicom-series": read_dicom_series, "pil": read_pil}[fmt]
     loaded = reader(path, **kw)
+    if loaded.array.dtype == bool and not allow_bool:
+        raise DataError(f"{path}: holds boolean data (a mask?) where an image is expected; read masks with read_mask")
+    if loaded.array.size == 1:
+        raise DataError(f"{path}: image has a single voxel (shape {tuple(loaded.array.shape)}); nothing to analyse")
+    if loaded.array.ndim == 2 and min(loaded.array.shape) == 1:
+        raise DataError(f"{path}: image is a single row or column of pixels (shape {tuple(loaded.array.shape)})")
     if expect_dims is not None:
         arr = loaded.array
         while arr.ndim > expect_dims and arr.shape[-1] == 1:
@@ -153,7 +196,7 @@ def read_image(path: str | Path, *, expect_dims: int | None = None, allow_consta
 
 def read_mask(path: str | Path, *, expect_dims: int | None = None) -> Loaded:
     """Read a lesion mask and check it is binary ({0, 1}, or {0, 255} for 8-bit images); returns a bool array."""
-    loaded = read_image(path, expect_dims=expect_dims, allow_constant=True)
+    loaded = _read_any(path, expect_dims, True, False, allow_bool=True)
     a = loaded.array
     vals = np.unique(a)
     if vals.size > 2 or not set(vals.tolist()) <= {0, 1, 255}:
@@ -164,25 +207,73 @@ def read_mask(path: str | Path, *, expect_dims: int | None = None) -> Loaded:
 
 
 # ----------------------------------------------------------------------------------------------------------- NIfTI
+def check_geometry(affine: np.ndarray, spacing: tuple[float, ...], ndim: int, path: Path | str | None) -> None:
+    """Raise :class:`DataError` for zero/negative/NaN spacing or an affine that is non-finite or not invertible
+    (over the first ``min(ndim, 3)`` axes: a 2D image may leave the third column zero)."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.size and (not np.all(np.isfinite(sp)) or np.any(sp <= 0)):
+        raise DataError(f"{_name(path)}voxel spacing {tuple(round(float(v), 6) for v in sp)} must be positive and finite "
+                        "(check pixdim / PixelSpacing)")
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise DataError(f"{_name(path)}affine is not a finite 4x4 matrix: {np.round(aff, 4).tolist()}")
+    k = max(1, min(ndim, 3))
+    sv = np.linalg.svd(aff[:3, :k], compute_uv=False)
+    if sv.min() <= 1e-6 * max(sv.max(), 1e-300):
+        raise DataError(f"{_name(path)}affine is singular (not invertible: voxel axes are zero or parallel): "
+                        f"{np.round(aff[:3, :4], 4).tolist()}")
+
+
 def read_nifti(path: str | Path) -> Loaded:
-    """NIfTI via nibabel (scaling applied, float32 unless the file stores integers without scaling)."""
+    """NIfTI via nibabel (scaling applied, float32 unless the file stores integers without scaling).
+
+    The header is checked before any voxel is decoded: the size against the voxel budget, the dtype (complex and
+    RGB refused), the number of volumes (a trailing singleton axis is squeezed, several volumes are refused), the
+    spacing and the affine."""
     import nibabel as nib
 
     path = Path(path)
     try:
         img = nib.load(str(path))
-        if img.dataobj.slope in (None, 1.0) and img.dataobj.inter in (None, 0.0) and np.issubdtype(
-            img.get_data_dtype(), np.integer
-        ):
-            arr = np.asarray(img.dataobj)
-        else:
-            arr = np.asarray(img.dataobj, dtype=np.float32)
+        shape = tuple(int(n) for n in img.header.get_data_shape())
+        dtype = np.dtype(img.get_data_dtype())
+        with nib.openers.ImageOpener(str(path)) as f:  # nibabel silently "fixes" zero/negative pixdim: read it raw
+            raw_pixdim = type(img.header).from_fileobj(f, check=False)["pixdim"]
+        zooms_all = tuple(float(z) for z in raw_pixdim[1 : len(shape) + 1])
+        affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as e:  # nibabel/gzip/zlib raise many types for broken files
         raise DataError(f"{path}: unreadable or truncated NIfTI file ({type(e).__name__}: {e})") from None
-    affine = np.asarray(img.affine, dtype=np.float64)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: min(arr.ndim, 3)])
-    meta = {"format": "nifti", "path": str(path), "orientation": "".join(nib.aff2axcodes(affine)),
-            "dtype": str(img.get_data_dtype())}
+    if not shape or 0 in shape:
+        raise DataError(f"{path}: image is empty (header shape {shape})")
+    check_voxel_budget(shape, str(path), what="NIfTI image (header size)")
+    if dtype.fields is not None:
+        raise DataError(f"{path}: NIfTI stores structured/RGB voxels (dtype {dtype}); convert it to one grey channel")
+    if np.issubdtype(dtype, np.complexfloating):
+        raise DataError(f"{path}: NIfTI stores complex voxels (dtype {dtype}); take the magnitude first")
+    if not np.issubdtype(dtype, np.number) and dtype.kind != "b":
+        raise DataError(f"{path}: NIfTI has a non-numeric dtype {dtype}")
+    squeezed = shape
+    while len(squeezed) > 3 and squeezed[-1] == 1:
+        squeezed = squeezed[:-1]
+    if len(squeezed) > 3:
+        raise DataError(f"{path}: {len(shape)}D NIfTI with {int(np.prod(squeezed[3:]))} volumes (shape {shape}); "
+                        "extract the one volume to analyse first (e.g. fslroi in.nii.gz out.nii.gz 0 1)")
+    if squeezed != shape:
+        log.info("%s: squeezed the singleton axes of shape %s to %s", path, shape, squeezed)
+    zooms = zooms_all[: min(len(squeezed), 3)]
+    check_geometry(affine, zooms, len(squeezed), path)
+    try:
+        if img.dataobj.slope in (None, 1.0) and img.dataobj.inter in (None, 0.0) and np.issubdtype(dtype, np.integer):
+            arr = np.asarray(img.dataobj)
+        else:
+            with np.errstate(over="raise"):
+                arr = np.asarray(img.dataobj, dtype=np.float32)
+    except FloatingPointError:
+        raise DataError(f"{path}: voxel values (after scaling) overflow float32 (beyond +-3.4e38)") from None
+    except Exception as e:
+        raise DataError(f"{path}: unreadable or truncated NIfTI file ({type(e).__name__}: {e})") from None
+    arr = arr.reshape(squeezed)
+    meta = {"format": "nifti", "path": str(path), "orientation": "".join(nib.aff2axcodes(affine)), "dtype": str(dtype)}
     return Loaded(arr, affine, zooms, meta)
 
 
@@ -194,6 +285,39 @@ def _dcm_read(path: Path, stop_before_pixels: bool = False) -> Any:
         return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
     except Exception as e:
         raise DataError(f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from None
+
+
+def _int_tag(ds: Any, tag: str, default: int, path: Path) -> int:
+    try:
+        v = ds.get(tag, default)
+        return default if v in (None, "") else int(v)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: DICOM tag {tag} is not a whole number ({ds.get(tag)!r})") from None
+
+
+def _dcm_budget(ds: Any, path: Path, n_files: int = 1) -> None:
+    """Rows x Columns x NumberOfFrames (x files of a series) from the header, checked before decoding."""
+    rows, cols = _int_tag(ds, "Rows", 0, path), _int_tag(ds, "Columns", 0, path)
+    frames = _int_tag(ds, "NumberOfFrames", 1, path)
+    if rows <= 0 or cols <= 0 or frames <= 0:
+        raise DataError(f"{path}: DICOM image is empty (Rows {rows}, Columns {cols}, NumberOfFrames {frames})")
+    shape = (frames * n_files, rows, cols) if frames * n_files > 1 else (rows, cols)
+    check_voxel_budget(shape, str(path), what="DICOM image (header size)" if n_files == 1 else
+                       f"DICOM series of {n_files} files (header size)")
+
+
+def _pixel_spacing(ds: Any, path: Path, *tags: str) -> tuple[float, float] | None:
+    for tag in tags:
+        ps = ds.get(tag)
+        if ps is not None:
+            try:
+                sp = (float(ps[0]), float(ps[1]))
+            except (TypeError, ValueError, IndexError):
+                raise DataError(f"{path}: DICOM {tag} {ps!r} is not two numbers") from None
+            if not all(np.isfinite(sp)) or min(sp) <= 0:
+                raise DataError(f"{path}: DICOM {tag} {sp} must be positive and finite")
+            return sp
+    return None
 
 
 def _first(v: Any) -> float:
@@ -210,6 +334,7 @@ def _dcm_pixels(ds: Any, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     for tag in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
         if tag not in ds:
             raise DataError(f"{path}: DICOM file is missing the required tag {tag}")
+    _dcm_budget(ds, path)
     try:
         raw = ds.pixel_array
     except Exception as e:
@@ -254,8 +379,8 @@ def read_dicom(path: str | Path, *, window: bool = False) -> Loaded:
     ds = _dcm_read(path)
     arr, meta = _dcm_pixels(ds, path)
     meta["path"] = str(path)
-    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    row_sp, col_sp = (float(ps[0]), float(ps[1])) if ps is not None else (1.0, 1.0)
+    ps = _pixel_spacing(ds, path, "PixelSpacing", "ImagerPixelSpacing")
+    row_sp, col_sp = ps if ps is not None else (1.0, 1.0)
     meta["spacing_known"] = ps is not None
     if window and "window_center" in meta:
         arr = apply_window(arr, meta["window_center"], meta["window_width"])
@@ -263,28 +388,47 @@ def read_dicom(path: str | Path, *, window: bool = False) -> Loaded:
     return Loaded(arr, affine, (row_sp, col_sp) if arr.ndim == 2 else (1.0, row_sp, col_sp), meta)
 
 
-def read_dicom_series(path: str | Path) -> Loaded:
+def read_dicom_series(path: str | Path, *, allow_irregular_spacing: bool = False) -> Loaded:
     """A folder of single-slice DICOM files as a volume ``(col, row, slice)`` with a RAS affine.
 
     Slices are sorted along the slice normal by ImagePositionPatient, or by InstanceNumber when positions are missing
-    (then the spacing comes from SliceThickness). Mixed series (several SeriesInstanceUIDs) raise.
+    (then the spacing comes from SliceThickness). Mixed series (several SeriesInstanceUIDs), two slices at the same
+    position and uneven slice steps raise; ``allow_irregular_spacing=True`` instead resamples uneven slices linearly
+    onto a regular grid at the median step (logged; ``meta['resampled_slices']`` says so).
     """
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        entries = list(path.iterdir())
+        files = sorted(p for p in entries if p.is_file() and not p.name.startswith("."))
+    except PermissionError:
+        raise DataError(f"{path}: permission denied: the folder cannot be listed by this user") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot list the DICOM folder ({e.strerror or type(e).__name__})") from None
     if not files:
-        raise DataError(f"{path}: DICOM folder is empty")
+        subs = [p.name for p in entries if p.is_dir()]
+        raise DataError(f"{path}: DICOM folder is empty" + (f" (only subfolders {subs[:3]}: point at one series folder)"
+                                                             if subs else ""))
     heads = [(_dcm_read(f, stop_before_pixels=True), f) for f in files]
     uids = {str(h.get("SeriesInstanceUID", "")) for h, _ in heads}
     if len(uids) > 1:
         raise DataError(f"{path}: folder mixes {len(uids)} DICOM series; put one series per folder")
     h0 = heads[0][0]
+    if "Rows" in h0 and "Columns" in h0:
+        _dcm_budget(h0, path, n_files=len(heads))
     iop = h0.get("ImageOrientationPatient")
     have_pos = iop is not None and all(h.get("ImagePositionPatient") is not None for h, _ in heads)
     if have_pos:
-        r = np.array([float(v) for v in iop[:3]])  # direction of increasing column index
-        c = np.array([float(v) for v in iop[3:]])  # direction of increasing row index
+        try:
+            r = np.array([float(v) for v in iop[:3]])  # direction of increasing column index
+            c = np.array([float(v) for v in iop[3:6]])  # direction of increasing row index
+            pos = [np.array([float(v) for v in h.ImagePositionPatient][:3]) for h, _ in heads]
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: ImageOrientationPatient/ImagePositionPatient are not numbers") from None
         normal = np.cross(r, c)
-        pos = [np.array([float(v) for v in h.ImagePositionPatient]) for h, _ in heads]
+        if r.shape != (3,) or not np.all(np.isfinite(np.concatenate([r, c, *pos]))) or np.linalg.norm(normal) < 1e-3:
+            raise DataError(f"{path}: ImageOrientationPatient {[float(v) for v in iop]} does not give two independent "
+                            "directions (or positions are not finite)")
+        normal = normal / np.linalg.norm(normal)
         order = np.argsort([float(p @ normal) for p in pos], kind="stable")
     elif all(h.get("InstanceNumber") is not None for h, _ in heads):
         r, c, normal = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
@@ -293,6 +437,24 @@ def read_dicom_series(path: str | Path) -> Loaded:
     else:
         raise DataError(f"{path}: cannot order the DICOM series: ImagePositionPatient/ImageOrientationPatient and "
                         "InstanceNumber are missing")
+    names = [heads[i][1].name for i in order]
+    depth = np.array([float(pos[i] @ normal) for i in order]) if pos is not None else None
+    if depth is not None and len(depth) > 1:
+        steps = np.diff(depth)
+        med = float(np.median(steps))
+        dup = np.flatnonzero(steps <= max(DUP_FRACTION * med, 1e-6))
+        if dup.size:
+            k = int(dup[0])
+            more = f" ({dup.size} such pairs)" if dup.size > 1 else ""
+            raise DataError(f"{path}: duplicate slice position: {names[k]} and {names[k + 1]} are both at {depth[k]:.3f} "
+                            f"mm along the slice normal{more} (repeated or mixed acquisitions; keep one series per folder)")
+        lo, hi = float(steps.min()), float(steps.max())
+        irregular = hi - lo > SPACING_RTOL * med + SPACING_ATOL
+        if irregular and not allow_irregular_spacing:
+            raise DataError(f"{path}: slice spacing varies from {lo:.3f} to {hi:.3f} mm (median {med:.3f}; missing "
+                            "slices?); pass allow_irregular_spacing=True to resample onto a regular grid")
+    else:
+        irregular = False
     slices, metas = [], []
     for i in order:
         arr, meta = _dcm_pixels(_dcm_read(heads[i][1]), heads[i][1])
@@ -304,42 +466,101 @@ def read_dicom_series(path: str | Path) -> Loaded:
     if len(shapes) > 1:
         raise DataError(f"{path}: slices of the series have different sizes {sorted(shapes)}")
     vol = np.stack([s.T for s in slices], axis=-1)  # (col, row, slice)
-    ps = h0.get("PixelSpacing")
-    row_sp, col_sp = (float(ps[0]), float(ps[1])) if ps is not None else (1.0, 1.0)
-    if pos is not None and len(order) > 1:
+    ps = _pixel_spacing(h0, path, "PixelSpacing")
+    row_sp, col_sp = ps if ps is not None else (1.0, 1.0)
+    extra: dict[str, Any] = {}
+    if irregular:
+        vol, step_mm = _regular_slices(vol, depth, path)
+        step = normal * step_mm
+        origin = pos[order[0]]
+        log.warning("%s: slice spacing varies from %.3f to %.3f mm; resampled %d slices onto %d at %.3f mm",
+                    path, float(np.diff(depth).min()), float(np.diff(depth).max()), len(depth), vol.shape[-1], step_mm)
+        extra = {"resampled_slices": True, "slice_positions": depth.tolist()}
+    elif pos is not None and len(order) > 1:
         p_sorted = [pos[i] for i in order]
         step = (p_sorted[-1] - p_sorted[0]) / (len(order) - 1)
         origin = p_sorted[0]
     else:
-        thick = float(h0.get("SpacingBetweenSlices", h0.get("SliceThickness", 1.0)) or 1.0)
+        try:
+            thick = float(h0.get("SpacingBetweenSlices", h0.get("SliceThickness", 1.0)) or 1.0)
+        except (TypeError, ValueError):
+            thick = 1.0
+        if not np.isfinite(thick) or thick <= 0:
+            raise DataError(f"{path}: slice thickness {thick} must be positive and finite")
         step = normal * thick
         origin = pos[order[0]] if pos is not None else np.zeros(3)
     aff = np.eye(4)
     aff[:3, 0], aff[:3, 1], aff[:3, 2], aff[:3, 3] = r * col_sp, c * row_sp, step, origin
+    check_geometry(aff, (), 3, path)
     meta = dict(metas[0])
-    meta.update({"format": "dicom-series", "path": str(path), "n_slices": len(order), "sorted_by":
-                 "ImagePositionPatient" if pos is not None else "InstanceNumber",
-                 "files": [str(heads[i][1].name) for i in order]})
+    meta.update({"format": "dicom-series", "path": str(path), "n_slices": vol.shape[-1], "sorted_by":
+                 "ImagePositionPatient" if pos is not None else "InstanceNumber", "files": names, **extra})
     return Loaded(vol.astype(np.float32), LPS_TO_RAS @ aff, (), meta)
+
+
+def _regular_slices(vol: np.ndarray, depth: np.ndarray, path: Path) -> tuple[np.ndarray, float]:
+    """Linear interpolation of the slices at ``depth`` (sorted, mm) onto a regular grid at the median step."""
+    step = float(np.median(np.diff(depth)))
+    n = int(np.floor((depth[-1] - depth[0]) / step + 1e-6)) + 1
+    check_voxel_budget((*vol.shape[:2], n), f"{path}: resampling the slices onto a regular grid")
+    t = depth[0] + step * np.arange(n)
+    hi = np.clip(np.searchsorted(depth, t, side="right"), 1, len(depth) - 1)
+    w = ((t - depth[hi - 1]) / (depth[hi] - depth[hi - 1])).astype(np.float32)
+    out = vol[..., hi - 1] * (1 - w) + vol[..., hi] * w
+    return out.astype(np.float32), step
 
 
 # -------------------------------------------------------------------------------------------------- PNG/JPEG/TIFF
 def read_pil(path: str | Path, *, grey: bool = True) -> Loaded:
-    """PNG/JPEG/TIFF/BMP via Pillow: ``(rows, cols)`` (``grey=True``: colour converted to luminance)."""
+    """PNG/JPEG/TIFF/BMP via Pillow: ``(rows, cols)`` (``grey=True``: colour converted to luminance).
+
+    The size in the header is checked against the voxel budget before decoding; Pillow's own decompression-bomb
+    limit is set aside so that the budget (``MEDANOMALY_MAX_VOXELS``), not Pillow, decides."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(path)
+            except Image.DecompressionBombError:
+                im = _open_unlimited(path)
+        with im:
+            w, h = im.size
+            check_voxel_budget((h, w), str(path), what=f"{im.format or 'image'} image (header size)")
+            if w <= 0 or h <= 0:
+                raise DataError(f"{path}: image is empty (size {w}x{h})")
             im.load()
             if grey and im.mode not in ("L", "I", "I;16", "F", "1"):
                 im = im.convert("L")
             arr = np.array(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable or truncated image file ({type(e).__name__}: {e})") from None
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     return Loaded(arr, np.eye(4), (1.0, 1.0), {"format": "pil", "path": str(path)})
+
+
+def _open_unlimited(path: Path) -> Any:
+    """``Image.open`` with Pillow's pixel limit off (for images Pillow calls bombs; the caller checks the budget)."""
+    from PIL import Image
+
+    with _PIL_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+    return im
+
+
+_PIL_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------------------ LGG .npz
@@ -352,6 +573,12 @@ def read_lgg_npz(path: str | Path) -> Loaded:
             missing = [k for k in ("flair", "mask", "slice_number") if k not in z.files]
             if missing:
                 raise DataError(f"{path}: LGG .npz lacks the keys {missing} (has {z.files})")
+            for key in ("flair", "mask"):  # sizes from the .npy headers, before decompressing
+                with z.zip.open(f"{key}.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    fmt = np.lib.format
+                    shape = (fmt.read_array_header_1_0(f) if version == (1, 0) else fmt.read_array_header_2_0(f))[0]
+                check_voxel_budget(shape, str(path), what=f"LGG array {key!r}")
             flair, mask, num = z["flair"], z["mask"], z["slice_number"]
     except DataError:
         raise
@@ -386,7 +613,7 @@ def write_nifti_map(
     """
     import nibabel as nib
 
-    from medanomaly.data.preprocess import to_numpy
+    from medanomaly.data.arrays import to_numpy
 
     a = np.asarray(to_numpy(amap), dtype=np.float32)
     a = np.squeeze(a) if a.ndim > 3 else a
@@ -403,18 +630,37 @@ def write_nifti_map(
         if ref_aff.shape != (4, 4):
             raise DataError(f"{path}: reference must be a Loaded image or a 4x4 affine, got shape {ref_aff.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(a, ref_aff)
     img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
+    with _writing(path):
+        nib.save(img, str(path))
     return path
+
+
+class _writing:
+    """Create the parent folder, and turn OSErrors of writing ``path`` into a DataError naming it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot create the output folder {self.path.parent} "
+                            f"({e.strerror or type(e).__name__}; is a file in the way?)") from None
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
+        if isinstance(err, OSError):
+            raise DataError(f"{self.path}: cannot write the file ({err.strerror or type(err).__name__}: {err})") from None
+        return False
 
 
 def write_png_map(amap: np.ndarray | Any, path: str | Path, *, vmin: float | None = None, vmax: float | None = None) -> Path:
     """Save a 2D map as an 8-bit grey PNG scaled from [vmin, vmax] (default: the map's range)."""
     from PIL import Image
 
-    from medanomaly.data.preprocess import to_numpy
+    from medanomaly.data.arrays import to_numpy
 
     a = np.squeeze(np.asarray(to_numpy(amap), dtype=np.float64))
     if a.ndim != 2:
@@ -424,8 +670,8 @@ def write_png_map(amap: np.ndarray | Any, path: str | Path, *, vmin: float | Non
     hi = float(a.max()) if vmax is None else vmax
     u8 = np.clip(np.round((a - lo) / max(hi - lo, 1e-12) * 255), 0, 255).astype(np.uint8)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(u8).save(path)
+    with _writing(path):
+        Image.fromarray(u8).save(path)
     return path
 
 
@@ -451,7 +697,7 @@ def save_overlay_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medanomaly.data.preprocess import to_numpy
+    from medanomaly.data.arrays import to_numpy
 
     img = np.squeeze(np.asarray(to_numpy(image), dtype=np.float32))
     heat = np.squeeze(np.asarray(to_numpy(heatmap), dtype=np.float32))
@@ -477,7 +723,9 @@ def save_overlay_png(
     if title:
         ax.set_title(title, fontsize=9)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with _writing(path):
+            fig.savefig(path, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path

@@ -9,12 +9,21 @@ Views: 2D images are one sample each. 3D volumes are one sample each with ``view
 axial slices with ``view="slices"`` (preset ``brain-mri-2d``, per-volume intensity clip, slice filter).
 A missing label is taken from the mask (any lesion voxel) when there is one, else unknown (-1). Image and mask must
 have the same shape and affine; otherwise a :class:`DataError` names both files.
+
+Checks (one :class:`DataError` lists every problem row, not only the first): missing or unreadable files, bad
+labels, rows without ``image``; ``case_id`` must be unique, since per-case metrics group samples by it, and an image
+file may appear in one row only. The one exception is 2D slices of one case: rows that share a ``case_id`` are
+allowed when each has a distinct integer in the optional ``slice`` column (they are then one case with several
+slices, as in the LGG set; ``slice`` is refused for 3D images). Paths that lead outside the manifest's folder (``..``
+or absolute) are allowed and logged once per manifest.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,12 +32,32 @@ import numpy as np
 
 from medanomaly.data.dataset import ImageDataset, ItemDataset, SliceDataset
 from medanomaly.data.io import DataError, Loaded, read_image, read_mask
-from medanomaly.data.preprocess import Preset, get_preset
-from medanomaly.data.samples import _check_geometry, _vol_slices
+from medanomaly.data.presets import Preset, get_preset
+from medanomaly.data.volumes import check_geometry as _check_geometry
+from medanomaly.data.volumes import read_volume_slices as _vol_slices
 
 __all__ = ["read_manifest", "load_manifest_dataset", "write_manifest"]
 
 COLUMNS = ("case_id", "image", "mask", "label", "split", "patient_id")
+OPTIONAL_COLUMNS = ("slice",)
+MAX_LISTED = 10  # problems named in the one error; the rest are counted
+
+log = logging.getLogger("medanomaly.data")
+
+
+def _readable(p: Path) -> str | None:
+    """None if ``p`` can be opened (a file) or listed (a folder), else the reason."""
+    try:
+        if p.is_dir():
+            next(iter(os.scandir(p)), None)
+        else:
+            with open(p, "rb") as f:
+                f.read(1)
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -51,48 +80,98 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: cannot parse manifest ({type(e).__name__}: {e})") from None
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
-    out = []
+    folder = path.parent.resolve()
+    out, problems, outside = [], [], []
     for n, r in enumerate(rows, start=1):
         if not isinstance(r, dict):
-            raise DataError(f"{path}: row {n} is not a record")
-        r = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k is not None}
+            problems.append(f"row {n} is not a record")
+            continue
+        r = {str(k).strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k is not None}
         if not r.get("image"):
-            raise DataError(f"{path}: row {n} has no 'image' (required columns: case_id, image)")
+            problems.append(f"row {n} has no 'image' (required columns: case_id, image)")
+            continue
         rec: dict[str, Any] = {"case_id": str(r.get("case_id") or Path(str(r["image"])).name.split(".")[0]),
                                "split": str(r.get("split") or "train"), "patient_id": str(r.get("patient_id") or "")}
+        where = f"row {n} ({rec['case_id']})"
         for key in ("image", "mask"):
             v = r.get(key)
-            if v:
-                p = Path(str(v)).expanduser()
-                p = p if p.is_absolute() else (path.parent / p)
-                if not p.exists():
-                    raise DataError(f"{path}: row {n} ({rec['case_id']}): {key} file {p} not found")
-                rec[key] = p
-            else:
-                rec[key] = None
+            rec[key] = None
+            if not v:
+                continue
+            p = Path(str(v)).expanduser()
+            p = p if p.is_absolute() else (path.parent / p)
+            rec[key] = p
+            if not p.exists():
+                problems.append(f"{where}: {key} file {p} not found")
+                continue
+            why = _readable(p)
+            if why:
+                problems.append(f"{where}: {key} file {p} cannot be read ({why})")
+            if not p.resolve().is_relative_to(folder):
+                outside.append(p)
         lab = r.get("label")
-        if lab in (None, ""):
-            rec["label"] = None
-        else:
+        rec["label"] = None
+        if lab not in (None, ""):
             try:
                 rec["label"] = int(float(lab))
             except (TypeError, ValueError):
-                raise DataError(f"{path}: row {n} ({rec['case_id']}): label {lab!r} is not 0/1") from None
-            if rec["label"] not in (0, 1, -1):
-                raise DataError(f"{path}: row {n} ({rec['case_id']}): label {rec['label']} is not 0/1")
+                problems.append(f"{where}: label {lab!r} is not 0/1")
+            else:
+                if rec["label"] not in (0, 1, -1):
+                    problems.append(f"{where}: label {rec['label']} is not 0/1")
+        sl = r.get("slice")
+        rec["slice"] = None
+        if sl not in (None, ""):
+            try:
+                rec["slice"] = int(sl)
+            except (TypeError, ValueError):
+                problems.append(f"{where}: slice {sl!r} is not a whole number")
+        rec["row"] = n
         out.append(rec)
+    problems += _duplicates(out)
+    if problems:
+        more = len(problems) - MAX_LISTED
+        shown = "; ".join(problems[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
+        raise DataError(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: {shown}")
+    if outside:
+        log.info("%s: %d path(s) lead outside the manifest's folder, e.g. %s", path, len(outside), outside[0])
     return out
 
 
+def _duplicates(recs: list[dict[str, Any]]) -> list[str]:
+    """Repeated case ids (unless all their rows carry distinct ``slice`` numbers) and images listed twice."""
+    problems = []
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    by_image: dict[Path, list[int]] = {}
+    for r in recs:
+        by_id.setdefault(r["case_id"], []).append(r)
+        by_image.setdefault(Path(os.path.abspath(r["image"])), []).append(r["row"])
+    for cid, rs in by_id.items():
+        if len(rs) < 2:
+            continue
+        slices = [r["slice"] for r in rs]
+        rows = [r["row"] for r in rs]
+        if None in slices:
+            problems.append(f"case_id {cid!r} is used by rows {rows} (case ids must be unique; rows that are slices of "
+                            "one case need distinct numbers in a 'slice' column)")
+        elif len(set(slices)) < len(slices):
+            problems.append(f"case_id {cid!r}: rows {rows} repeat a slice number ({slices})")
+    for img, rows in by_image.items():
+        if len(rows) > 1:
+            problems.append(f"image {img} is listed in rows {rows}")
+    return problems
+
+
 def write_manifest(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write records (keys from ``case_id, image, mask, label, split, patient_id``) as CSV or JSON."""
+    """Write records (keys from ``case_id, image, mask, label, split, patient_id`` [, ``slice``]) as CSV or JSON."""
     path = Path(path)
-    rows = [{k: ("" if r.get(k) is None else str(r.get(k))) for k in COLUMNS} for r in records]
+    cols = COLUMNS + tuple(k for k in OPTIONAL_COLUMNS if any(r.get(k) is not None for r in records))
+    rows = [{k: ("" if r.get(k) is None else str(r.get(k))) for k in cols} for r in records]
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps({"cases": rows}, indent=1))
     else:
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(rows)
     return path
@@ -148,6 +227,9 @@ def load_manifest_dataset(
     first: Loaded = read_image(recs[0]["image"])
     ndim = 2 if first.array.ndim == 2 or (first.array.ndim == 3 and first.array.shape[-1] in (3, 4)
                                           and first.meta.get("format") == "pil") else 3
+    if ndim == 3 and any(r["slice"] is not None for r in recs):
+        raise DataError(f"{path}: the 'slice' column is for 2D image rows that are slices of one case; "
+                        f"{recs[0]['image']} is a 3D volume (use view='slices' to slice volumes)")
     if view == "auto":
         view = "images" if ndim == 2 else "volumes"
     name = Path(path).stem

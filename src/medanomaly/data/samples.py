@@ -1,13 +1,14 @@
 """The shared real data by name, and ``load_dataset`` for names and manifests.
 
-The data folder is found through the environment variable ``MEDANOMALY_DATA``; without it, ``<repo>/../shared/data``
-and ``<cwd>/../shared/data`` are tried. Built-in datasets (see ``list_datasets()``):
+The data folder is found by :func:`medanomaly.data.roots.data_root` (the environment variable ``MEDANOMALY_DATA``;
+without it, ``<repo>/../shared/data``, ``<cwd>/../shared/data`` and ``<cwd>/shared/data``). Built-in datasets (see
+``list_datasets()``):
 
 ``lgg-flair-2d``
     TCGA-LGG FLAIR slices (80 patients, per-patient ``.npz``), patient split from ``splits.json`` (train 50, val 10,
     test 20; ``split="all"`` for all). Slice label = any tumour voxel in the original slice. Preset ``brain-mri-2d``
     (size 160 by default) with ``foreground="brain"`` by default: the slices are not skull-stripped, so the
-    foreground is the unsupervised brain mask of :func:`medanomaly.data.preprocess.brain_mask` (computed per
+    foreground is the unsupervised brain mask of :func:`medanomaly.data.masks.brain_mask` (computed per
     volume from the image only); the clip percentile, zeroed background and every method's pixel metrics use it.
     ``foreground="head"`` gives the former whole-head foreground. Slice filter (reads only the image): the head
     covers >= 10 % of the 160 x 160 output (``min_fg_fraction=0.10``: drops the near-empty end slices, 150 of 2847,
@@ -46,42 +47,16 @@ from typing import Any
 import numpy as np
 
 from medanomaly.data.dataset import ImageDataset, ItemDataset, SliceDataset
-from medanomaly.data.io import Loaded, read_image, read_lgg_npz, read_mask
-from medanomaly.data.preprocess import Preset, get_preset, reorient
+from medanomaly.data.geometry import volume_to_slices
+from medanomaly.data.io import read_lgg_npz
+from medanomaly.data.manifest import load_manifest_dataset
+from medanomaly.data.presets import Preset, get_preset
+from medanomaly.data.roots import ENV, data_root
+from medanomaly.data.volumes import read_volume_item, read_volume_slices
 
 __all__ = ["data_root", "load_dataset", "parse_data_spec", "list_datasets", "volume_to_slices", "DATASETS"]
 
-ENV = "MEDANOMALY_DATA"
 BASE_3D_SIZE = (96, 128, 128)  # at 2 mm: holds every IXI head and BraTS brain after RAS reorientation
-
-
-def _candidates() -> list[Path]:
-    out = []
-    env = os.environ.get(ENV)
-    if env:
-        out.append(Path(env))
-    out.append(Path(__file__).resolve().parents[3] / ".." / "shared" / "data")
-    out.append(Path.cwd() / ".." / "shared" / "data")
-    return out
-
-
-def data_root(required: bool = True) -> Path | None:
-    """The shared data folder, or ``None`` (``required=False``) / a clear ``FileNotFoundError`` when absent."""
-    env = os.environ.get(ENV)
-    if env and not Path(env).is_dir():
-        if not required:
-            return None
-        raise FileNotFoundError(f"{ENV}={env} is set but that folder does not exist; point it at the folder holding "
-                                "brain_lgg_flair_2d/, brain_brats2018_3d/, brain_ixi_t1_3d/, cxr_pneumoniamnist/")
-    for c in _candidates():
-        if c.is_dir():
-            return c.resolve()
-    if not required:
-        return None
-    looked = ", ".join(str(c) for c in _candidates())
-    raise FileNotFoundError(f"shared data folder not found (looked in: {looked}); set the environment variable {ENV} to "
-                            "the folder holding brain_lgg_flair_2d/, brain_brats2018_3d/, ... e.g. "
-                            f"`export {ENV}=/path/to/shared/data`")
 
 
 def _sub(root: Path | None, folder: str) -> Path:
@@ -110,12 +85,6 @@ def _size_3d(size: Any, pp: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(s) for s in np.broadcast_to(np.asarray(size, int), (3,)))
 
 
-def volume_to_slices(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Axial slices (S, rows, cols) of a 3D volume: reoriented to RAS, each slice rotated so anterior is up."""
-    a, _ = reorient(np.asarray(arr), affine, "RAS")
-    return np.ascontiguousarray(np.rot90(np.moveaxis(a, 2, 0), k=1, axes=(1, 2)))
-
-
 def _check_split(split: str, allowed: list[str], name: str) -> None:
     if split not in allowed:
         raise ValueError(f"dataset {name!r} has no split {split!r}; available: {allowed}")
@@ -142,42 +111,12 @@ def _lgg(split: str, normal_only: bool, preset: Any, size: int | None, max_cases
 
 
 # ------------------------------------------------------------------------------------------------- 3D volumes
-def _vol_slices(img_path: Path, mask_path: Path | None, label: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
-    img = read_image(img_path, expect_dims=3)
-    sl = volume_to_slices(img.array, img.affine)
-    m = None
-    if mask_path is not None:
-        mk = read_mask(mask_path, expect_dims=3)
-        _check_geometry(img, mk, img_path, mask_path)
-        m = volume_to_slices(mk.array, mk.affine)
-    return sl, m, np.arange(sl.shape[0]), label
-
-
-def _vol_item(img_path: Path, mask_path: Path | None, pre: Preset) -> Any:
-    img = read_image(img_path, expect_dims=3)
-    mk = None
-    if mask_path is not None:
-        mk = read_mask(mask_path, expect_dims=3)
-        _check_geometry(img, mk, img_path, mask_path)
-    return pre(img, mk)
-
-
-def _check_geometry(img: Loaded, mask: Loaded, img_path: Path, mask_path: Path) -> None:
-    from medanomaly.data.io import DataError
-
-    if img.shape != mask.shape:
-        raise DataError(f"{mask_path}: mask shape {mask.shape} does not match image {img_path} shape {img.shape}")
-    if img.ndim == 3 and not np.allclose(img.affine, mask.affine, atol=1e-3):
-        raise DataError(f"{mask_path}: mask geometry (affine) differs from image {img_path}: "
-                        f"{np.round(mask.affine, 3).tolist()} vs {np.round(img.affine, 3).tolist()}")
-
-
 def _volumes(name: str, entries: list[tuple[str, Path, Path | None, int]], view: str, normal_only: bool, preset: Any,
              size: Any, cache_size: int, quiet: bool, pp: dict[str, Any]) -> ImageDataset:
     if view == "slices":
         pp = {"min_fg_fraction": 0.05, **pp} if preset is None else pp  # skull-stripped brains fill less of the frame
         pre = _make_preset(preset, "brain-mri-2d", size=size, **pp)
-        cases = [(cid, partial(_vol_slices, ip, mp, lab)) for cid, ip, mp, lab in entries]
+        cases = [(cid, partial(read_volume_slices, ip, mp, lab)) for cid, ip, mp, lab in entries]
         return SliceDataset(cases, pre, normal_only=normal_only, name=name, cache_size=cache_size, quiet=quiet)
     if view != "volumes":
         raise ValueError(f"view must be 'volumes' or 'slices', got {view!r}")
@@ -188,7 +127,7 @@ def _volumes(name: str, entries: list[tuple[str, Path, Path | None, int]], view:
     if preset is None or (isinstance(preset, str) and preset == "brain-mri-3d"):
         pp = {**pp, "size": _size_3d(size, pp)}
     pre = _make_preset(preset, "brain-mri-3d", **pp)
-    items = [(cid, partial(_vol_item, ip, mp, pre), lab) for cid, ip, mp, lab in entries]
+    items = [(cid, partial(read_volume_item, ip, mp, pre), lab) for cid, ip, mp, lab in entries]
     return ItemDataset(items, spatial_dims=3, name=name, preset=pre.name, cache_size=cache_size, known_normal_mask=True)
 
 
@@ -264,17 +203,14 @@ def parse_data_spec(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     name, sep, rest = text.partition(":")
     if not sep or name not in DATASETS:
         return text, {}
-    import yaml
+    from medanomaly.yamlsafe import load_yaml
 
     opts: dict[str, Any] = {}
     for part in _split_top_level(rest):
         k, eq, v = part.partition("=")
         if not eq or not k.strip():
             raise ValueError(f"data spec {text!r}: options must be key=value separated by commas, got {part!r}")
-        try:
-            opts[k.strip()] = yaml.safe_load(v.strip())
-        except yaml.YAMLError as e:
-            raise ValueError(f"data spec {text!r}: cannot read the value of {k.strip()!r} ({e})") from e
+        opts[k.strip()] = load_yaml(v.strip(), where=f"data spec {text!r}: the value of {k.strip()!r}", max_bytes=10_000)
     return name, opts
 
 
@@ -323,7 +259,5 @@ def load_dataset(
         return DATASETS[key][0](split, normal_only, preset, size, max_cases, root, **{**opts, **kw})
     p = Path(key)
     if p.suffix.lower() in (".csv", ".json"):
-        from medanomaly.data.manifest import load_manifest_dataset
-
         return load_manifest_dataset(p, split, normal_only=normal_only, preset=preset, size=size, max_cases=max_cases, **kw)
     raise ValueError(f"unknown dataset {key!r}: not a built-in name ({', '.join(DATASETS)}) nor a .csv/.json manifest")

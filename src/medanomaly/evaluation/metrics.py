@@ -1,4 +1,4 @@
-"""The evaluation protocol: pixel, sample and token level metrics, exact and streaming.
+"""The evaluation protocol: exact pixel and sample level metrics (AP, AUROC, best DICE, per-case).
 
 Conventions (the same for every method):
 
@@ -18,8 +18,8 @@ Conventions (the same for every method):
   (shape mismatch, NaN/Inf scores, non-binary masks, nothing to evaluate) is a ``ValueError`` naming the problem.
 - Inputs are numpy arrays or torch tensors of shape (N, *spatial) or (N, 1, *spatial).
 
-For data that does not fit in memory :class:`StreamingPixelMetrics` accumulates score histograms and returns
-the same metrics with rigorous lower/upper bounds on the exact values (see its docstring).
+Streaming (histogram) metrics are in :mod:`medanomaly.evaluation.streaming`, token-level metrics in
+:mod:`medanomaly.evaluation.tokens`, the image-score rule in :mod:`medanomaly.evaluation.scoring`.
 """
 
 from __future__ import annotations
@@ -31,18 +31,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medanomaly.evaluation._checks import _check_binary, _check_scores, _prepare_maps, _squeeze_channel, _to_numpy
+
 __all__ = [
     "MetricWarning",
     "pixel_metrics",
     "pixel_curves",
     "per_case_dice",
     "sample_metrics",
-    "reduce_map",
-    "slice_labels",
-    "token_labels",
-    "token_metrics",
     "sample_curves",
-    "StreamingPixelMetrics",
+    "slice_labels",
 ]
 
 DiceCases = Literal["with_lesion", "all"]
@@ -50,94 +48,6 @@ DiceCases = Literal["with_lesion", "all"]
 
 class MetricWarning(UserWarning):
     """A metric is undefined on the given data (e.g. no positive voxel) and was returned as nan."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# input checks
-
-
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    """numpy view/copy of a numpy array, torch tensor or sequence, with a clear error for anything else."""
-    if x is None:
-        raise ValueError(f"{name} is None")
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu()
-            if x.dtype in (torch.bfloat16, torch.float16):
-                x = x.float()
-            return x.numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    try:
-        a = np.asarray(x)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(f"{name} could not be converted to an array: {e}") from e
-    if a.dtype == object:
-        raise ValueError(f"{name} must be a numeric array, got an object array (ragged or mixed input?)")
-    return a
-
-
-def _check_scores(a: np.ndarray, name: str) -> np.ndarray:
-    if a.size == 0:
-        raise ValueError(f"{name} is empty (shape {a.shape})")
-    if a.dtype == bool:
-        a = a.astype(np.float32)
-    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise ValueError(f"{name} must be real numbers, got dtype {a.dtype}")
-    if np.issubdtype(a.dtype, np.floating):
-        bad = ~np.isfinite(a)
-        if bad.any():
-            n_nan = int(np.isnan(a).sum())
-            raise ValueError(
-                f"{name} contains non-finite values: {n_nan} NaN and {int(bad.sum()) - n_nan} infinite of {a.size}"
-            )
-    else:
-        a = a.astype(np.float64)
-    return a
-
-
-def _check_binary(a: np.ndarray, name: str) -> np.ndarray:
-    if a.dtype == bool:
-        return a
-    if a.size and not np.issubdtype(a.dtype, np.number):
-        raise ValueError(f"{name} must be binary (bool or 0/1), got dtype {a.dtype}")
-    ok = (a == 0) | (a == 1)
-    if not ok.all():
-        bad = np.unique(a[~ok])[:5]
-        raise ValueError(f"{name} must be binary (bool or 0/1); found other values such as {bad.tolist()}")
-    return a.astype(bool)
-
-
-def _squeeze_channel(a: np.ndarray) -> np.ndarray:
-    """(N, 1, *spatial) -> (N, *spatial); other shapes unchanged."""
-    if a.ndim >= 3 and a.shape[1] == 1:
-        return a[:, 0]
-    return a
-
-
-def _prepare_maps(
-    scores: Any, masks: Any, foreground: Any = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Checked (N, V) scores, (N, V) bool masks and (N, V) bool foreground (or None)."""
-    s = _check_scores(_squeeze_channel(_to_numpy(scores, "scores")), "scores")
-    m = _squeeze_channel(_to_numpy(masks, "masks"))
-    if s.ndim < 2:
-        raise ValueError(f"scores must be (N, *spatial) or (N, 1, *spatial), got shape {s.shape}")
-    if m.shape != s.shape:
-        raise ValueError(f"scores shape {s.shape} does not match masks shape {m.shape} (after dropping a channel axis)")
-    m = _check_binary(m, "masks")
-    f = None
-    if foreground is not None:
-        f = _squeeze_channel(_to_numpy(foreground, "foreground"))
-        if f.shape != s.shape:
-            raise ValueError(f"foreground shape {f.shape} does not match scores shape {s.shape}")
-        f = _check_binary(f, "foreground").reshape(len(f), -1)
-        if not f.any():
-            raise ValueError("foreground is empty: no voxel to evaluate")
-    n = s.shape[0]
-    return s.reshape(n, -1), m.reshape(n, -1), f
 
 
 def _warn(msg: str) -> None:
@@ -435,62 +345,6 @@ def sample_curves(scores: Any, labels: Any, max_points: int = 2000) -> dict[str,
     return _curves(s, y, max_points)
 
 
-def reduce_map(
-    maps: Any,
-    how: Literal["max", "mean", "topk"] = "max",
-    k: float = 0.01,
-    foreground: Any = None,
-) -> Any:
-    """One score per image from its anomaly map: the max, the mean, or the mean of the top ``k`` fraction of voxels.
-
-    ``maps`` is (N, *spatial) or (N, 1, *spatial), numpy or torch; the result has the same type, shape (N,).
-    With ``foreground`` only foreground voxels count; an image with an empty foreground falls back to all its
-    voxels (with a MetricWarning). ``topk`` averages the ``max(1, ceil(k * n))`` highest voxels.
-    """
-    is_torch = False
-    try:
-        import torch
-
-        is_torch = isinstance(maps, torch.Tensor)
-    except ImportError:  # pragma: no cover
-        pass
-    a = _check_scores(_squeeze_channel(_to_numpy(maps, "maps")), "maps").astype(np.float64)
-    if a.ndim < 2:
-        raise ValueError(f"maps must be (N, *spatial), got shape {a.shape}")
-    if how not in ("max", "mean", "topk"):
-        raise ValueError(f"how must be 'max', 'mean' or 'topk', got {how!r}")
-    if how == "topk" and not 0 < k <= 1:
-        raise ValueError(f"k must be a fraction in (0, 1], got {k}")
-    n = a.shape[0]
-    a = a.reshape(n, -1)
-    if foreground is not None:
-        f = _check_binary(_squeeze_channel(_to_numpy(foreground, "foreground")), "foreground")
-        if f.shape[0] != n or f.reshape(n, -1).shape != a.shape:
-            raise ValueError(f"foreground shape {f.shape} does not match maps shape {tuple(_to_numpy(maps, 'maps').shape)}")
-        f = f.reshape(n, -1).copy()
-        empty = ~f.any(1)
-        if empty.any():
-            _warn(f"reduce_map: {int(empty.sum())} image(s) with an empty foreground use all voxels")
-            f[empty] = True
-    else:
-        f = np.ones_like(a, dtype=bool)
-    out = np.empty(n, np.float64)
-    for i in range(n):
-        v = a[i][f[i]]
-        if how == "max":
-            out[i] = v.max()
-        elif how == "mean":
-            out[i] = v.mean()
-        else:
-            t = max(1, math.ceil(k * v.size))
-            out[i] = np.partition(v, v.size - t)[v.size - t:].mean()
-    if is_torch:
-        import torch
-
-        return torch.from_numpy(out).to(device=maps.device, dtype=maps.dtype if maps.is_floating_point() else torch.float64)
-    return out
-
-
 def slice_labels(masks: Any, min_fraction: float = 0.0, foreground: Any = None) -> np.ndarray:
     """Image labels from lesion masks: 1 when the lesion covers more than ``min_fraction`` of the image.
 
@@ -515,266 +369,3 @@ def slice_labels(masks: Any, min_fraction: float = 0.0, foreground: Any = None) 
     cnt = m.sum(1)
     return ((cnt > 0) & (cnt / denom > min_fraction)).astype(np.int64)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# token level
-
-
-def _factor_tuple(factor: int | Sequence[int], nd: int) -> tuple[int, ...]:
-    f = (int(factor),) * nd if np.isscalar(factor) else tuple(int(x) for x in factor)
-    if len(f) != nd or min(f) < 1:
-        raise ValueError(f"factor must be a positive int or {nd} positive ints, got {factor}")
-    return f
-
-
-def _block_fraction(a: np.ndarray, f: tuple[int, ...]) -> np.ndarray:
-    """Fraction of True voxels in each f-block: (N, *S) -> (N, *S/f)."""
-    n, sp = a.shape[0], a.shape[1:]
-    for d, (s, k) in enumerate(zip(sp, f, strict=True)):
-        if s % k:
-            raise ValueError(f"mask size {s} along spatial axis {d} is not a multiple of the token factor {k}")
-    shape = [n]
-    for s, k in zip(sp, f, strict=True):
-        shape += [s // k, k]
-    axes = tuple(range(2, 2 * len(sp) + 1, 2))
-    return a.reshape(shape).mean(axis=axes, dtype=np.float64)
-
-
-def token_labels(masks: Any, factor: int | Sequence[int], min_fraction: float = 0.0) -> np.ndarray:
-    """Lesion masks (N, *S) downsampled to token grids (N, *S/factor) as bool.
-
-    A token is anomalous when the fraction of its pixels inside the lesion is > 0 (``min_fraction=0``, the default:
-    any lesion pixel, i.e. max-pooling) or >= ``min_fraction`` otherwise (``0.5``: majority).
-    """
-    m = _check_binary(_squeeze_channel(_to_numpy(masks, "masks")), "masks")
-    if not 0 <= min_fraction <= 1:
-        raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction}")
-    frac = _block_fraction(m, _factor_tuple(factor, m.ndim - 1))
-    return frac > 0 if min_fraction == 0 else frac >= min_fraction
-
-
-def token_metrics(
-    token_scores: Any,
-    masks: Any,
-    factor: int | Sequence[int],
-    min_fraction: float = 0.0,
-    foreground: Any = None,
-) -> dict[str, float | int]:
-    """AP/AUROC of token scores (N, h, w[, d]) against lesion masks (N, H, W[, D]) downsampled by ``factor``.
-
-    Token labels as in :func:`token_labels`. With ``foreground`` (pixel resolution) only tokens containing at least
-    one foreground pixel are evaluated. Returns ``ap``, ``auroc``, ``n_tokens``, ``n_pos``.
-    """
-    t = _check_scores(_squeeze_channel(_to_numpy(token_scores, "token_scores")), "token_scores")
-    m = _squeeze_channel(_to_numpy(masks, "masks"))
-    if t.ndim != m.ndim or t.shape[0] != m.shape[0]:
-        raise ValueError(f"token_scores shape {t.shape} and masks shape {m.shape} do not correspond")
-    f = _factor_tuple(factor, m.ndim - 1)
-    expect = tuple(s * k for s, k in zip(t.shape[1:], f, strict=True))
-    if expect != m.shape[1:]:
-        raise ValueError(f"token grid {t.shape[1:]} x factor {f} = {expect} does not match the mask size {m.shape[1:]}")
-    y = token_labels(m, f, min_fraction)
-    keep = np.ones_like(y, dtype=bool)
-    if foreground is not None:
-        fg = _check_binary(_squeeze_channel(_to_numpy(foreground, "foreground")), "foreground")
-        if fg.shape != m.shape:
-            raise ValueError(f"foreground shape {fg.shape} does not match masks shape {m.shape}")
-        keep = _block_fraction(fg, f) > 0
-        if not keep.any():
-            raise ValueError("foreground is empty: no token to evaluate")
-    r = _exact_binary(t[keep], y[keep], "token_metrics")
-    return {"ap": r["ap"], "auroc": r["auroc"], "n_tokens": int(keep.sum()), "n_pos": int(y[keep].sum())}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# streaming (histogram) mode
-
-
-class StreamingPixelMetrics:
-    """Pixel metrics over arbitrarily many voxels from fixed-size score histograms.
-
-    Scores are binned into ``bins`` equal bins over ``range = (lo, hi)``, plus four bins of their own: below
-    ``lo``, exactly ``lo``, exactly ``hi``, above ``hi`` (clipped maps often put many voxels exactly on 0 or 1).
-    Memory: a few arrays of ``bins + 4`` numbers, plus ``8 * (bins + 4)`` bytes per case when ``per_case`` is on
-    (give ``case_ids`` to pool the slices of one patient into one case, or turn ``per_case`` off).
-    ``merge`` adds another accumulator (e.g. from another process of a sharded prediction).
-
-    ``compute()`` treats the scores inside one bin as tied, which gives the estimates ``ap``, ``auroc``,
-    ``best_dice``, and returns rigorous bounds ``[lower, upper]`` that always contain the exact values of
-    :func:`pixel_metrics` on the same data (tested):
-
-    - DICE: counts at bin edges are exact, so the estimate is the exact DICE at ``best_threshold`` (a bin edge)
-      and a lower bound. A threshold inside bin b predicts at most the positives down to b and at least everything
-      above b, so ``upper = max_b 2 TP(>= b) / (|pred(> b)| + P)``.
-    - AP: a positive in bin b, with ``a`` positives and ``F`` negatives above the bin and ``p``/``n`` in it, has a
-      precision between ``(a + j) / (a + j + F + n)`` (j its rank among the bin's positives) and
-      ``(a + p) / (a + p + F)``; the lower sum has a closed form with the digamma function.
-    - AUROC: only positive-negative pairs inside one bin are unordered: the error is at most
-      ``0.5 * sum_b p_b n_b / (P N)``.
-
-    A bin whose voxels all hold the same score (detected exactly, with a reference value per bin) is a true tie:
-    it adds no uncertainty. Bound widths shrink as the mass per bin shrinks (more bins, a range fitted to the
-    scores); ``n_out_of_range`` counts the voxels outside ``range``, which widen the bounds unless tied.
-    """
-
-    def __init__(
-        self,
-        bins: int = 4096,
-        range: tuple[float, float] = (0.0, 1.0),  # noqa: A002 - numpy's name for it
-        per_case: bool = True,
-        dice_cases: DiceCases = "with_lesion",
-    ) -> None:
-        lo, hi = float(range[0]), float(range[1])
-        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-            raise ValueError(f"range must be two finite numbers lo < hi, got {range}")
-        if int(bins) < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
-        if dice_cases not in ("with_lesion", "all"):
-            raise ValueError(f"dice_cases must be 'with_lesion' or 'all', got {dice_cases!r}")
-        self.bins, self.range = int(bins), (lo, hi)
-        self.edges = np.linspace(lo, hi, self.bins + 1)
-        nb = self.bins + 4
-        self.per_case, self.dice_cases = per_case, dice_cases
-        self.pos = np.zeros(nb, np.int64)
-        self.neg = np.zeros(nb, np.int64)
-        self.ref = np.full(nb, np.nan)  # one score seen in each bin
-        self.mixed = np.zeros(nb, bool)  # a bin holding more than one distinct score
-        self.min_score, self.max_score = math.inf, -math.inf
-        self.cases: dict[Any, np.ndarray] = {}
-        self.n_out_of_range = 0
-        self._next_case = 0
-
-    def _bin_index(self, s: np.ndarray) -> np.ndarray:
-        """Bin of each score: 0 below lo, 1 at lo, 2 + b for regular bin b, bins + 2 at hi, bins + 3 above hi.
-
-        ``index >= k`` is equivalent to ``score >= self._thresholds()[k]`` for every k (floating rounding fixed).
-        """
-        lo, hi = self.range
-        x = (s - lo) * (self.bins / (hi - lo))
-        idx = np.clip(np.floor(x), 0, self.bins - 1).astype(np.int64)
-        idx -= (idx > 0) & (s < self.edges[idx])
-        idx += (idx < self.bins - 1) & (s >= self.edges[idx + 1])
-        idx += 2
-        idx[s == lo] = 1
-        idx[s < lo] = 0
-        idx[s == hi] = self.bins + 2
-        idx[s > hi] = self.bins + 3
-        return idx
-
-    def _thresholds(self) -> np.ndarray:
-        lo, hi = self.range
-        low = self.min_score if math.isfinite(self.min_score) else lo
-        return np.concatenate([[low, lo, np.nextafter(lo, math.inf)], self.edges[1:-1], [hi, np.nextafter(hi, math.inf)]])
-
-    def update(self, scores: Any, masks: Any, foreground: Any = None, case_ids: Sequence[Any] | None = None) -> None:
-        """Add a batch: (B, *spatial) or (B, 1, *spatial) maps and masks; optional foreground and case ids."""
-        s, m, f = _prepare_maps(scores, masks, foreground)
-        n = s.shape[0]
-        if self.per_case:
-            if case_ids is None:
-                keys = list(range(self._next_case, self._next_case + n))
-            else:
-                keys = list(case_ids)
-                if len(keys) != n:
-                    raise ValueError(f"case_ids must have one entry per image ({n}), got {len(keys)}")
-        case_of = np.repeat(np.arange(n), s.shape[1]).reshape(s.shape)
-        if f is not None:
-            s, m, case_of = s[f], m[f], case_of[f]
-        else:
-            s, m, case_of = s.ravel(), m.ravel(), case_of.ravel()
-        s = s.astype(np.float64, copy=False)
-        nb = self.bins + 4
-        idx = self._bin_index(s)
-        self.pos += np.bincount(idx[m], minlength=nb)
-        self.neg += np.bincount(idx[~m], minlength=nb)
-        fresh = np.full(nb, np.nan)
-        fresh[idx] = s
-        self.ref = np.where(np.isnan(self.ref), fresh, self.ref)
-        self.mixed |= np.bincount(idx, weights=s != self.ref[idx], minlength=nb) > 0
-        if s.size:
-            self.min_score, self.max_score = min(self.min_score, float(s.min())), max(self.max_score, float(s.max()))
-        lo, hi = self.range
-        self.n_out_of_range += int(np.count_nonzero((s < lo) | (s > hi)))
-        if self.per_case:
-            if case_ids is None:
-                self._next_case += n
-            key = (case_of * nb + idx) * 2 + m
-            counts = np.bincount(key, minlength=n * nb * 2).reshape(n, nb, 2)
-            for i, k in enumerate(keys):
-                h = self.cases.setdefault(k, np.zeros((2, nb), np.int32))  # int32: one case holds < 2**31 voxels
-                h[0] += counts[i, :, 1]
-                h[1] += counts[i, :, 0]
-
-    def merge(self, other: StreamingPixelMetrics) -> StreamingPixelMetrics:
-        """Add another accumulator with the same bins and range (cases with equal keys are pooled)."""
-        if other.bins != self.bins or other.range != self.range:
-            raise ValueError("can only merge accumulators with the same bins and range")
-        self.pos += other.pos
-        self.neg += other.neg
-        both = ~np.isnan(self.ref) & ~np.isnan(other.ref)
-        self.mixed |= other.mixed | (both & (self.ref != other.ref))
-        self.ref = np.where(np.isnan(self.ref), other.ref, self.ref)
-        self.min_score, self.max_score = min(self.min_score, other.min_score), max(self.max_score, other.max_score)
-        self.n_out_of_range += other.n_out_of_range
-        for k, h in other.cases.items():
-            self.cases.setdefault(k, np.zeros_like(h))
-            self.cases[k] += h
-        return self
-
-    def compute(self) -> dict[str, Any]:
-        """Estimates with the keys of :func:`pixel_metrics`, plus ``*_bounds`` = [lower, upper] and ``bin_width``."""
-        nz = np.flatnonzero(self.pos + self.neg)[::-1]  # non-empty bins, highest first
-        if nz.size == 0:
-            raise ValueError("StreamingPixelMetrics: no voxel was added")
-        p_b, n_b = self.pos[nz].astype(np.float64), self.neg[nz].astype(np.float64)
-        tied = ~self.mixed[nz]
-        tps, fps = np.cumsum(self.pos[nz]), np.cumsum(self.neg[nz])
-        r = _ap_auroc_dice(tps, fps, "StreamingPixelMetrics")
-        P, N = float(tps[-1]), float(fps[-1])
-        thresholds = self._thresholds()
-        out: dict[str, Any] = {
-            "ap": r["ap"],
-            "auroc": r["auroc"],
-            "best_dice": r["best_dice"],
-            "best_threshold": float(thresholds[nz[r["best_index"]]]) if r["best_index"] >= 0 else math.nan,
-            "ap_bounds": [math.nan, math.nan],
-            "auroc_bounds": [math.nan, math.nan],
-            "best_dice_bounds": [math.nan, math.nan],
-            "dice_per_case_mean": math.nan,
-            "dice_per_case_std": math.nan,
-            "n_cases_dice": 0,
-            "n_voxels": int(P + N),
-            "n_positive": int(P),
-            "positive_fraction": P / (P + N),
-            "n_cases": len(self.cases) if self.per_case else -1,
-            "n_out_of_range": self.n_out_of_range,
-            "bins": self.bins,
-            "bin_width": (self.range[1] - self.range[0]) / self.bins,
-        }
-        if P > 0:
-            from scipy.special import digamma
-
-            a = np.concatenate([[0.0], tps[:-1].astype(np.float64)])  # positives above each bin
-            F = np.concatenate([[0.0], fps[:-1].astype(np.float64)])  # negatives above each bin
-            c = F + n_b
-            # sum_{j=1..p} (a + j) / (a + j + c) = p - c * (digamma(a + c + p + 1) - digamma(a + c + 1)), exactly
-            lower = p_b - c * (digamma(a + c + p_b + 1.0) - digamma(a + c + 1.0))
-            upper = p_b * (a + p_b) / np.maximum(a + p_b + F, 1.0)
-            exact_tie = p_b * (a + p_b) / np.maximum(a + p_b + c, 1.0)
-            lower, upper = np.where(tied, exact_tie, lower), np.where(tied, exact_tie, upper)
-            ap_lo, ap_hi = float(np.sum(np.maximum(lower, 0.0)) / P), float(np.sum(upper) / P)
-            out["ap_bounds"] = [min(ap_lo, r["ap"]), min(1.0, max(ap_hi, r["ap"]))]
-            dice_after = 2.0 * tps / (tps + fps + P)
-            dice_hi = np.where(tied, dice_after, 2.0 * tps / (a + F + P))
-            out["best_dice_bounds"] = [r["best_dice"], float(min(1.0, max(dice_hi.max(), r["best_dice"])))]
-            if N > 0:
-                half = 0.5 * float(np.sum(np.where(tied, 0.0, p_b * n_b))) / (P * N)
-                out["auroc_bounds"] = [max(0.0, r["auroc"] - half), min(1.0, r["auroc"] + half)]
-        if self.per_case and self.cases and r["best_index"] >= 0:
-            b = int(nz[r["best_index"]])
-            h = np.stack(list(self.cases.values())).astype(np.int64)  # (cases, 2, bins + 4)
-            tp = h[:, 0, b:].sum(1)
-            pred = tp + h[:, 1, b:].sum(1)
-            d = _dice_from_case_counts(tp, pred, h[:, 0].sum(1), self.dice_cases)
-            out["dice_per_case_mean"], out["dice_per_case_std"], out["n_cases_dice"] = _summary(d)
-        return out

@@ -3,13 +3,14 @@
 A detector is built from keyword parameters (all in the constructor, scikit-learn style), trained with
 ``fit`` on healthy data only, and applied with ``predict``. ``save`` writes a *run folder*:
 
-- ``config.yaml``   the method name and its resolved constructor parameters
-- ``weights.safetensors`` every tensor the method needs (never a pickle)
-- ``state.json``    small non-tensor fitted state (e.g. normalisation constants)
-- ``versions.json`` package and library versions, the seed
-- ``train_log.jsonl`` the training log, when the method trains
+config, weights (safetensors), fitted state, versions, training log and, last, a finished marker (see
+:mod:`medanomaly.run_folder`, the one owner of that folder). ``load(run_dir)`` rebuilds the detector from it and
+reproduces its predictions bit for bit.
 
-``load(run_dir)`` rebuilds the detector from those files and reproduces its predictions bit for bit.
+The scikit-learn rules hold for every method, enforced here rather than remembered by each: ``fit`` (not
+overridden) wraps the data in a healthy-only view, seeds from ``params["seed"]``, calls the method's ``_fit``,
+checks that the parameters did not change, sets ``is_fitted`` and returns ``self``; ``predict`` checks the input
+and calls ``_predict``. Runtime choices (checkpoint folder, resume, quiet) come in a :class:`RunContext`.
 
 A method lives in one folder ``methods/<package>/`` and registers itself with ``@register``. Its
 ``configs/`` folder ships parameter sets as YAML: ``cpu-small.yaml`` (minutes on 2 CPU cores),
@@ -21,7 +22,6 @@ writes one section per method name in each file (see :meth:`Detector.config_set`
 
 from __future__ import annotations
 
-import json
 import platform
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
-from medanomaly.training.atomic import atomic_write_bytes, atomic_write_text
+from medanomaly.run_folder import RunFolderError
 
 __all__ = [
     "AnomalyResult",
     "Detector",
+    "RunContext",
     "RunFolderError",
     "register",
     "get_method",
@@ -43,21 +43,29 @@ __all__ = [
     "list_methods",
     "load_detector",
     "library_versions",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "merge_params",
     "read_run_config",
 ]
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "weights.safetensors"
-STATE_FILE = "state.json"
-VERSIONS_FILE = "versions.json"
-TRAIN_LOG_FILE = "train_log.jsonl"
 
 
-class RunFolderError(ValueError):
-    """A run folder is missing, incomplete, or belongs to another method."""
+@dataclass(frozen=True)
+class RunContext:
+    """How a ``fit`` runs, apart from what it learns: passed to :meth:`Detector.fit`, never stored in params.
+
+    work_dir: where training keeps checkpoints (None: no checkpoints). resume: continue from checkpoints found in
+    ``work_dir`` (never a silent default: False unless asked). quiet: no progress bars.
+    """
+
+    work_dir: Path | None = None
+    resume: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.work_dir is not None and not isinstance(self.work_dir, Path):
+            object.__setattr__(self, "work_dir", Path(self.work_dir))
+        if self.resume and self.work_dir is None:
+            raise ValueError("RunContext: resume=True needs a work_dir")
 
 
 @dataclass
@@ -119,15 +127,17 @@ class Detector(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any) -> None:
-        self.params: dict[str, Any] = merge_params(self.defaults, params, where=self.name or type(self).__name__)
+        where = self.name or type(self).__name__
+        self.params: dict[str, Any] = merge_params(self.defaults, params, where=where)
+        schema = getattr(type(self), "parameter_schema", None)  # every registered method declares one (tests check)
+        if schema is not None:
+            from medanomaly.methods.params import validate_params
+
+            self.params = validate_params(self.params, schema, where)  # types and ranges, before any data is read
         self.is_fitted: bool = False
         self.train_log: list[dict[str, Any]] = []
-        #: where training keeps checkpoints (set by the CLI / caller before ``fit``); None: no checkpoints
-        self.work_dir: Path | None = None
-        #: continue from checkpoints in ``work_dir`` when they exist
-        self.resume: bool = True
-        #: no progress bars
-        self.quiet: bool = False
+        #: runtime context of the last ``fit`` (work dir, resume, quiet); never part of the parameters
+        self.context_: RunContext = RunContext()
 
     @classmethod
     def _configs_folder(cls) -> Path:
@@ -135,17 +145,11 @@ class Detector(ABC):
 
     @classmethod
     def _read_config_file(cls, path: Path) -> dict[str, Any] | None:
-        """This method's parameters in ``path``; None when the file is a multi-method file without a section for it."""
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of parameters, got {type(data).__name__}")
-        if _is_multi_method(data):
-            section = data.get(cls.name)
-            return dict(section or {}) if cls.name in data else None
-        return data
+        """This method's parameters in ``path``; None when it is a per-method file without a section for it."""
+        from medanomaly.param_files import read_param_file
+
+        res = read_param_file(path, cls.name, where=f"{cls.name} config {path.name}")
+        return None if res is None else res[0]
 
     @classmethod
     def config_sets(cls) -> list[str]:
@@ -160,8 +164,7 @@ class Detector(ABC):
         """Parameters of a shipped configuration, e.g. ``"cpu-small"``, ``"paper"`` or ``"test"``.
 
         ``configs/<name>.yaml`` holds the parameters of the method, or, when one folder holds several methods,
-        one section per method name (``{intensity: {...}, autoencoder: {...}}``; every top-level value is then a
-        mapping keyed by a registered method name).
+        one section per method under ``methods:`` (see :mod:`medanomaly.param_files`, the one reader).
         """
         path = cls._configs_folder() / f"{name}.yaml"
         params = cls._read_config_file(path) if path.exists() else None
@@ -184,16 +187,114 @@ class Detector(ABC):
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
-    def fit(self, train: Any, val: Any | None = None) -> Detector: ...
+    def _fit(self, train: Any, val: Any | None = None, **sources: Any) -> None:
+        """Train on ``train`` (a :class:`~medanomaly.data.healthy.HealthyView`); store fitted state, return nothing.
+
+        Must not change ``self.params``; must build every fitted attribute afresh (a second ``fit`` with the same
+        seed gives the same model). ``sources`` holds the extra data the method declared in :meth:`data_sources`.
+        """
 
     @abstractmethod
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult: ...
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None, **kw: Any) -> AnomalyResult:
+        """Maps and scores for checked input (the base class validated shapes, values and ``is_fitted``)."""
 
     @abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
     @abstractmethod
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    @classmethod
+    def data_sources(cls, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Extra training data these parameters ask for, by keyword of ``_fit``: ``{kw: {"data", "split", **opts}}``.
+
+        The pipeline loads each one (healthy-only view, never the evaluation split), passes it to ``fit`` and
+        records it in the run's config. Default: none.
+        """
+        return {}
+
+    #: rank of this method as a provider of shared parts (lower first); ties go by the order a benchmark lists
+    share_priority: ClassVar[int] = 0
+
+    @classmethod
+    def shared_parts(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Parts of a trained run that another run may reuse: ``{part name: what determines it}`` (JSON-able).
+
+        Two runs whose part names and settings are equal could share that part (e.g. a VQ-VAE tokenizer, a
+        pre-trained MAE). A benchmark uses this with :meth:`reuse_parts`; the default shares nothing.
+        """
+        return {}
+
+    @classmethod
+    def reuse_parts(cls, parts: list[str], run_dir: str) -> dict[str, Any]:
+        """Parameter overrides that make a run load ``parts`` (names from :meth:`shared_parts`) from ``run_dir``."""
+        raise NotImplementedError(f"{cls.name} declares no shared parts")
+
+    # -- the contract (not overridden) ----------------------------------------------------------
+    def fit(self, train: Any, val: Any | None = None, *, context: RunContext | None = None, **sources: Any) -> Detector:
+        """Train on healthy data only; returns ``self``.
+
+        ``train``/``val`` are :class:`~medanomaly.data.dataset.ImageDataset` objects; the method sees them through a
+        :class:`~medanomaly.data.healthy.HealthyView` (reading a mask or label raises). The global RNGs are seeded
+        from ``params["seed"]`` first, so a fit is reproducible whatever ran before it. ``context`` carries where
+        checkpoints go and whether to resume (default: none, no resume).
+        """
+        import copy
+
+        from medanomaly.data.healthy import HealthyView
+        from medanomaly.training.loop import seed_everything
+
+        if context is not None and not isinstance(context, RunContext):
+            raise TypeError(f"{self.name}: context must be a RunContext, got {type(context).__name__}")
+        train_v = HealthyView(train, where="training data")
+        if len(train_v) == 0:
+            raise ValueError(f"{self.name}: the training data is empty")
+        val_v = HealthyView(val, where="validation data") if val is not None else None
+        views = {k: (HealthyView(v, where=f"'{k}' data") if v is not None else None) for k, v in sources.items()}
+        dims = int(train_v.spatial_dims)
+        if dims not in self.spatial_dims_supported:
+            raise ValueError(f"{self.name}: supports {self.spatial_dims_supported}-D images, the training data are {dims}-D")
+        self.context_ = context or RunContext()
+        self.is_fitted = False
+        self.train_log = []
+        before = copy.deepcopy(self.params)
+        seed_everything(int(self.params["seed"]))
+        self._fit(train_v, val_v, **views)
+        if self.params != before:
+            changed = _changed_keys(before, self.params)
+            raise RuntimeError(f"{self.name}: fit changed its parameters ({', '.join(changed)}); fitted state belongs in "
+                               "attributes, not in params")
+        self.is_fitted = True
+        return self
+
+    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None, **kw: Any) -> AnomalyResult:
+        """Anomaly maps and image scores: ``images`` (B, C, *spatial) preprocessed, ``foreground`` (B, 1, *spatial)."""
+        self.check_input(images, foreground)
+        res = self._predict(images, foreground, **kw)
+        if tuple(res.pixel_scores.shape) != (images.shape[0], *images.shape[2:]):
+            raise RuntimeError(f"{self.name}: pixel scores {tuple(res.pixel_scores.shape)} do not match images "
+                               f"{tuple(images.shape)}")
+        return res
+
+    def set_context(self, context: RunContext) -> Detector:
+        """Set the runtime context outside ``fit`` (e.g. ``quiet`` for a loaded detector's ``predict``); returns self."""
+        if not isinstance(context, RunContext):
+            raise TypeError(f"{self.name}: context must be a RunContext, got {type(context).__name__}")
+        self.context_ = context
+        return self
+
+    @property
+    def work_dir(self) -> Path | None:
+        """Where training keeps checkpoints (from the :class:`RunContext` of the last ``fit``)."""
+        return self.context_.work_dir
+
+    @property
+    def resume(self) -> bool:
+        return self.context_.resume
+
+    @property
+    def quiet(self) -> bool:
+        return self.context_.quiet
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -223,35 +324,37 @@ class Detector(ABC):
         if not self.is_fitted:
             raise RuntimeError(f"{self.name}: call fit() (or load a run folder) before predict()")
 
-    def save(self, run_dir: str | Path, *, seed: int | None = None) -> Path:
-        """Write the run folder (config, weights, state, versions, training log). Files are written atomically."""
-        from safetensors.torch import save as st_save
+    def save(self, run_dir: str | Path, *, sections: dict[str, Any] | None = None) -> Path:
+        """Write the run folder (config, weights, state, versions, training log, then the finished marker).
+
+        ``sections``: more top-level sections of ``config.yaml`` (the pipeline's ``data``, ``train``, ``sources``).
+        Every file is written once, atomically; see :mod:`medanomaly.run_folder`.
+        """
+        from medanomaly.run_folder import RunFolder
 
         if not self.is_fitted:
             raise RuntimeError(f"{self.name}: nothing to save, the detector is not fitted")
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = {"method": self.name, "params": _plain(self.params)}
-        atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=True))
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_tensors().items()}
-        atomic_write_bytes(run_dir / WEIGHTS_FILE, st_save(tensors))
-        atomic_write_text(run_dir / STATE_FILE, json.dumps(_plain(self.extra_state()), indent=1))
+        extra = dict(sections or {})
+        clash = sorted(set(extra) & {"method", "params"})
+        if clash:
+            raise ValueError(f"{self.name}: sections may not replace {clash}")
         versions = library_versions()
-        versions["seed"] = seed if seed is not None else self.params.get("seed")
-        atomic_write_text(run_dir / VERSIONS_FILE, json.dumps(versions, indent=1))
-        if self.train_log:
-            atomic_write_text(run_dir / TRAIN_LOG_FILE, "".join(json.dumps(_plain(r)) + "\n" for r in self.train_log))
-        return run_dir
+        versions["seed"] = self.params.get("seed")
+        folder = RunFolder(run_dir)
+        folder.write(config={"method": self.name, "params": self.params, **extra}, tensors=self.state_tensors(),
+                     state=self.extra_state(), versions=versions, train_log=self.train_log)
+        return folder.path
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Detector:
-        """Rebuild a fitted detector from a run folder written by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Rebuild a fitted detector from a finished run folder written by :meth:`save`."""
+        from medanomaly.run_folder import RunFolder
 
-        run_dir = Path(run_dir)
-        cfg = read_run_config(run_dir)
+        folder = RunFolder(run_dir)
+        cfg = folder.read_config()
         if cls.name and cfg["method"] != cls.name:
             raise RunFolderError(f"{run_dir} holds a '{cfg['method']}' run, not '{cls.name}'")
+        folder.require_finished()
         try:
             klass = cls if cls.name else get_method_class(cfg["method"])
         except KeyError as e:
@@ -259,30 +362,29 @@ class Detector(ABC):
         try:
             det = klass(**(cfg.get("params") or {}))
         except (KeyError, ValueError, TypeError) as e:
-            raise RunFolderError(f"{run_dir}: its config.yaml does not fit method '{klass.name}' ({e})") from e
-        wpath = run_dir / WEIGHTS_FILE
-        if not wpath.exists():
-            raise RunFolderError(f"{run_dir}: missing {WEIGHTS_FILE}; the run did not finish or the folder was copied partly")
-        try:
-            tensors = load_file(str(wpath))
-        except Exception as e:  # safetensors raises several types
-            raise RunFolderError(f"{wpath}: unreadable weights file ({e})") from e
-        spath = run_dir / STATE_FILE
-        try:
-            state = json.loads(spath.read_text()) if spath.exists() else None
-        except json.JSONDecodeError as e:
-            raise RunFolderError(f"{spath}: not valid JSON ({e})") from e
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise RunFolderError(f"{run_dir}: its config.yaml does not fit method '{klass.name}' ({msg})") from e
+        folder.check_versions(library_versions())
+        tensors = folder.read_tensors()
+        state = folder.read_state()
         try:
             det.load_state_tensors(tensors)
             if state is not None:
                 det.load_extra_state(state)
-        except (KeyError, RuntimeError, ValueError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise RunFolderError(f"{run_dir}: the saved weights/state do not fit method '{klass.name}' ({e})") from e
-        log = run_dir / TRAIN_LOG_FILE
-        if log.exists():
-            det.train_log = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        det.train_log = folder.read_train_log()
         det.is_fitted = True
         return det
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _changed_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def merge_params(defaults: dict[str, Any], overrides: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -311,45 +413,11 @@ def merge_params(defaults: dict[str, Any], overrides: dict[str, Any], where: str
     return out
 
 
-def _is_multi_method(data: dict[str, Any]) -> bool:
-    """True when a config file is keyed by method names (a folder holding several methods)."""
-    if not data or not all(isinstance(v, dict) or v is None for v in data.values()):
-        return False
-    return set(data) <= set(_REGISTRY)
-
-
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """Read and check ``config.yaml`` of a run folder."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunFolderError(f"run folder {run_dir} does not exist")
-    cpath = run_dir / CONFIG_FILE
-    if not cpath.exists():
-        raise RunFolderError(f"{run_dir} is not a medanomaly run folder: {CONFIG_FILE} is missing")
-    try:
-        cfg = yaml.safe_load(cpath.read_text())
-    except yaml.YAMLError as e:
-        raise RunFolderError(f"{cpath}: not valid YAML ({e})") from e
-    if not isinstance(cfg, dict) or "method" not in cfg:
-        raise RunFolderError(f"{cpath}: no 'method' key")
-    return cfg
+    """Read and check ``config.yaml`` of a run folder (see :class:`medanomaly.run_folder.RunFolder`)."""
+    from medanomaly.run_folder import RunFolder
 
-
-def _plain(obj: Any) -> Any:
-    """Make numpy/torch/path values YAML/JSON friendly."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray | torch.Tensor):
-        return obj.tolist()
-    return obj
+    return RunFolder(run_dir).read_config()
 
 
 # -- registry ---------------------------------------------------------------------------------
@@ -362,6 +430,13 @@ def register(cls: type[Detector]) -> type[Detector]:
         raise ValueError(f"{cls.__qualname__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method name '{cls.name}' registered twice")
+    if not isinstance(cls.defaults.get("seed"), int):
+        raise ValueError(f"method '{cls.name}': its defaults need an int 'seed' (the base fit seeds from it)")
+    from medanomaly.param_files import RESERVED
+
+    taken = sorted(set(cls.defaults) & set(RESERVED))
+    if taken:
+        raise ValueError(f"method '{cls.name}': parameter name(s) {taken} are reserved by the parameter-file format")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -226,15 +226,17 @@ def build_mae(arch: dict[str, Any]) -> MAE:
 
 
 def load_mae_weights(model: MAE, path: str | Path, prefix: str = "mae.") -> dict[str, Any]:
-    """Load pre-trained weights into ``model`` from a run folder, a ``.safetensors`` file or a training checkpoint.
+    """Load pre-trained weights into ``model`` from a run folder or a ``.safetensors`` file (never a pickle).
 
     - run folder (``weights.safetensors`` [+ ``config.yaml``]) of ``mae``, ``amae`` or ``mae-pseudo``: the tensors
       under ``prefix``;
-    - ``.safetensors`` file: tensors under ``prefix`` or, when none, the bare MONAI state dict;
-    - ``.pt`` checkpoint of :func:`medanomaly.training.train_model` (``checkpoints/mae.pt``): its ``model`` state.
+    - ``.safetensors`` file: tensors under ``prefix`` or, when none, the bare MONAI state dict; a checkpoint of
+      :func:`medanomaly.training.train_model` (``checkpoints/mae.safetensors``) gives its best-validation weights
+      (``best/``), else its last ones (``model/``).
 
-    Returns the architecture recorded in a run folder (empty otherwise). Raises ``ValueError`` when the file is
-    missing/unreadable or the shapes differ from ``model``'s architecture.
+    A ``.pt``/``.pth``/pickle file is refused (unpickling can run code): convert it once with
+    ``safetensors.torch.save_file``. Returns the architecture recorded in a run folder (empty otherwise). Raises
+    ``ValueError`` when the file is missing/unreadable or the shapes differ from ``model``'s architecture.
     """
     from safetensors.torch import load_file
 
@@ -248,16 +250,21 @@ def load_mae_weights(model: MAE, path: str | Path, prefix: str = "mae.") -> dict
             cfg = yaml.safe_load(cfg_path.read_text()) or {}
             arch = dict((cfg.get("params") or {}).get("mae") or {})
         path = path / "weights.safetensors"
+    if path.suffix.lower() in (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"):
+        raise ValueError(f"pre-trained MAE: {path} is a pickle file, which is never loaded (unpickling can run code); "
+                         "convert it to .safetensors with safetensors.torch.save_file(state_dict, 'mae.safetensors')")
     if not path.exists():
         raise ValueError(f"pre-trained MAE: {path} does not exist")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"pre-trained MAE: {path} must be a run folder or a .safetensors file (got suffix '{path.suffix}')")
     try:
-        if path.suffix == ".pt":
-            state = torch.load(path, map_location="cpu", weights_only=False)["model"]
-            tensors = {f"{prefix}{k}" if not k.startswith(prefix) else k: v for k, v in state.items()}
-        else:
-            tensors = load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # unreadable/corrupt file: one clear message
         raise ValueError(f"pre-trained MAE: cannot read {path} ({e})") from e
+    for ck in ("best/", "model/"):  # a train_model checkpoint
+        if any(k.startswith(ck) for k in tensors):
+            tensors = {k[len(ck):]: v for k, v in tensors.items() if k.startswith(ck)}
+            break
     sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not sub:
         sub = tensors

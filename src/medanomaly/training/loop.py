@@ -13,8 +13,12 @@ What the loop does for every method:
   anomaly label** (e.g. reconstruction error of healthy validation images); the best-validation weights are
   kept and loaded at the end, and training stops after ``early_stopping_patience`` validations without
   improvement;
-- checkpoints written atomically (temporary file, fsync, rename) every ``checkpoint_every`` steps, at the
-  end, and on SIGINT/SIGTERM; ``resume=True`` continues from the checkpoint;
+- checkpoints every ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM; ``resume=True`` continues
+  from the checkpoint. A checkpoint is ``checkpoints/<name>.safetensors`` (model, best and optimizer tensors, RNG
+  states as uint8 tensors) plus ``checkpoints/<name>.json`` (counters, history, optimizer settings, python/numpy
+  RNG scalars and the sha256 of the tensor file), each written atomically, the JSON last as the commit record.
+  A torn checkpoint (hash mismatch) falls back to the previous pair or starts afresh, with a warning. Nothing
+  in a run folder is ever unpickled: an old ``<name>.pt`` is ignored with a warning;
 - a progress bar with loss and throughput (``quiet=True`` hides it), one history record per step;
 - data-parallel training under ``torchrun`` (see :mod:`medanomaly.training.ddp`).
 """
@@ -22,9 +26,10 @@ What the loop does for every method:
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -39,7 +44,7 @@ import torch
 from torch import nn
 
 from medanomaly.training import ddp
-from medanomaly.training.atomic import atomic_write_bytes
+from medanomaly.training.atomic import atomic_write_bytes, atomic_write_text, clean_stale_tmp
 
 __all__ = [
     "TrainConfig",
@@ -52,6 +57,10 @@ __all__ = [
     "lr_factor",
     "load_checkpoint",
     "dump_history",
+    "CheckpointError",
+    "CheckpointFiles",
+    "checkpoint_files",
+    "remove_checkpoint",
 ]
 
 # keys whose change between a checkpoint and a resumed run changes the result; we warn about them
@@ -160,60 +169,284 @@ def _progress(total: int, initial: int, desc: str, quiet: bool) -> Any:
     return progress_bar(total=total, initial=initial, desc=desc, quiet=quiet)
 
 
-def _ckpt_path(run_dir: Path, name: str) -> Path:
-    return run_dir / "checkpoints" / f"{name}.pt"
+# ---------------------------------------------------------------------------------------------- checkpoints
+CKPT_FORMAT = 3
+#: test hook: seconds to sleep between writing a checkpoint's tensor file and its JSON record
+PAUSE_ENV = "MEDANOMALY_CKPT_WRITE_PAUSE"
 
 
-def _rng_state() -> dict[str, Any]:
-    st: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                          "numpy": np.random.get_state()}  # noqa: NPY002
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (unreadable, torn, a pickle, or not this model's)."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of checkpoint ``name`` in ``folder`` (``run_dir/checkpoints``).
+
+    ``tensors``/``meta`` the committed pair; ``prev_*`` the pair before it, kept only while a new one is written;
+    ``legacy`` the pickle checkpoint of older versions (never loaded).
+    """
+
+    folder: Path
+    name: str
+
+    @property
+    def tensors(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    @property
+    def meta(self) -> Path:
+        return self.folder / f"{self.name}.json"
+
+    @property
+    def prev_tensors(self) -> Path:
+        return self.folder / f"{self.name}.prev.safetensors"
+
+    @property
+    def prev_meta(self) -> Path:
+        return self.folder / f"{self.name}.prev.json"
+
+    @property
+    def legacy(self) -> Path:
+        return self.folder / f"{self.name}.pt"
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.meta, self.tensors, self.prev_meta, self.prev_tensors, self.legacy)
+
+
+def checkpoint_files(run_dir: str | Path, name: str = "model") -> CheckpointFiles:
+    """The checkpoint files :func:`train_model` uses for ``run_dir`` and ``name``."""
+    return CheckpointFiles(Path(run_dir) / "checkpoints", name)
+
+
+def remove_checkpoint(run_dir: str | Path, name: str = "model") -> None:
+    """Delete every file of checkpoint ``name`` under ``run_dir`` (including an old pickle ``.pt``)."""
+    for f in checkpoint_files(run_dir, name).all():
+        f.unlink(missing_ok=True)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy that shares memory with nothing (safetensors refuses shared tensors)."""
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _numpy_key_tensor(key: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(key, dtype="<u4").view(np.uint8).copy())
+
+
+def _checkpoint_payload(model: nn.Module, opt: torch.optim.Optimizer, step: int, result: TrainResult,
+                        best_state: dict[str, torch.Tensor] | None, bad_vals: int, cfg: TrainConfig,
+                        finished: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors for the safetensors file, JSON-able record) of the training state."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, sd in (("model/", model.state_dict()), ("best/", best_state or {})):
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{cfg.desc}: state entry '{k}' is a {type(v).__name__}, not a tensor; cannot checkpoint it")
+            tensors[prefix + k] = _cpu(v)
+    osd = opt.state_dict()
+    opt_scalars: dict[str, dict[str, Any]] = {}
+    opt_keys: dict[str, list[str]] = {}
+    for idx, st in osd["state"].items():
+        opt_keys[str(idx)] = list(st)
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{idx}/{k}"] = _cpu(v)
+            else:
+                opt_scalars.setdefault(str(idx), {})[k] = v
+    tensors["rng/torch"] = _cpu(torch.get_rng_state())
+    n_cuda = 0
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = _cpu(t)
+            n_cuda += 1
+    np_state = np.random.get_state()  # noqa: NPY002 - the legacy global RNG some libraries use
+    tensors["rng/numpy_key"] = _numpy_key_tensor(np_state[1])
+    py_state = random.getstate()
+    meta: dict[str, Any] = {
+        "format": CKPT_FORMAT,
+        "name": cfg.desc,
+        "step": int(step),
+        "finished": bool(finished),
+        "stopped_early": bool(result.stopped_early),
+        "best_val": result.best_val,
+        "best_step": result.best_step,
+        "has_best": best_state is not None,
+        "bad_vals": int(bad_vals),
+        "history": result.history,
+        "config": asdict(cfg),
+        "optimizer": {"param_groups": osd["param_groups"], "state_keys": opt_keys, "scalars": opt_scalars},
+        "rng": {
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": {"bit_generator": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                      "cached_gaussian": float(np_state[4])},
+            "cuda_devices": n_cuda,
+        },
+    }
+    return tensors, meta
 
 
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])  # noqa: NPY002
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _save_ckpt(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, result: TrainResult,
+def _save_ckpt(files: CheckpointFiles, model: nn.Module, opt: torch.optim.Optimizer, step: int, result: TrainResult,
                best_state: dict[str, torch.Tensor] | None, bad_vals: int, cfg: TrainConfig, finished: bool) -> None:
+    """Write the checkpoint: tensor file, then the JSON record (the commit, holding the tensor file's sha256).
+
+    While the new pair is written the committed one is kept as ``<name>.prev.*``, so that a kill at any point
+    leaves one complete pair (:func:`_read_checkpoint` matches records and tensor files by hash).
+    """
     if not ddp.is_main_process():
         return
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "format": 2,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "history": result.history,
-            "best_val": result.best_val,
-            "best_step": result.best_step,
-            "best_state": best_state,
-            "bad_vals": bad_vals,
-            "stopped_early": result.stopped_early,
-            "finished": finished,
-            "config": asdict(cfg),
-            "rng": _rng_state(),
-            "torch_rng": torch.get_rng_state(),  # format 1 readers
-        },
-        buf,
-    )
-    atomic_write_bytes(path, buf.getvalue())
+    from safetensors.torch import save as st_save
+
+    tensors, meta = _checkpoint_payload(model, opt, step, result, best_state, bad_vals, cfg, finished)
+    data = st_save(tensors)
+    meta["tensors"] = {"file": files.tensors.name, "sha256": _sha256(data), "bytes": len(data)}
+    text = json.dumps(meta, indent=None)
+    files.folder.mkdir(parents=True, exist_ok=True)
+    if files.meta.exists():  # the committed pair becomes the fallback (tensor file first: see the docstring)
+        if files.tensors.exists():
+            os.replace(files.tensors, files.prev_tensors)
+        os.replace(files.meta, files.prev_meta)
+    atomic_write_bytes(files.tensors, data)
+    pause = os.environ.get(PAUSE_ENV)
+    if pause:
+        time.sleep(float(pause))
+    atomic_write_text(files.meta, text)
+    files.prev_meta.unlink(missing_ok=True)
+    files.prev_tensors.unlink(missing_ok=True)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"{path} is not a JSON checkpoint record ({type(e).__name__}: {e})") from e
+    sha = meta.get("tensors", {}).get("sha256") if isinstance(meta, dict) and isinstance(meta.get("tensors"), dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CKPT_FORMAT or not isinstance(sha, str):
+        fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} is not a checkpoint record of format {CKPT_FORMAT} (format {fmt!r})")
+    return meta
+
+
+def _read_checkpoint(files: CheckpointFiles) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest complete checkpoint as (record with its ``tensors`` loaded, problems met on the way).
+
+    Records are tried newest first; each is paired with whichever tensor file has the sha256 it records. Never
+    unpickles anything: a ``.pt`` file is only reported.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    problems: list[str] = []
+    if files.legacy.exists():
+        problems.append(f"{files.legacy} is a pickle checkpoint of an older version: ignored, never loaded (unpickling "
+                        "can run arbitrary code); delete it")
+    blobs: dict[Path, bytes | None] = {}
+
+    def blob(p: Path) -> bytes | None:
+        if p not in blobs:
+            try:
+                blobs[p] = p.read_bytes() if p.is_file() else None
+            except OSError:
+                blobs[p] = None
+        return blobs[p]
+
+    metas = [m for m in (files.meta, files.prev_meta) if m.exists()]
+    if not files.meta.exists() and files.tensors.exists():
+        problems.append(f"{files.tensors} has no JSON record {files.meta.name} (a write was interrupted): torn checkpoint")
+    for mpath in metas:
+        try:
+            meta = _read_meta(mpath)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        want = meta["tensors"]["sha256"]
+        recorded = files.folder / Path(str(meta["tensors"].get("file", ""))).name
+        cands = [c for c in dict.fromkeys((recorded, files.tensors, files.prev_tensors)) if c.parent == files.folder]
+        for c in cands:
+            data = blob(c)
+            if data is None or _sha256(data) != want:
+                continue
+            try:
+                meta["tensors"] = st_load(data)
+            except (SafetensorError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {c} is unreadable ({type(e).__name__}: {e}); delete it to start afresh") from e
+            meta["source"] = str(mpath)
+            return meta, problems
+        problems.append(f"{mpath}: no tensor file with the recorded sha256 {want[:12]}… (torn or altered checkpoint)")
+    return None, problems
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    rng, tensors = state["rng"], state["rng_tensors"]
+    torch.set_rng_state(tensors["rng/torch"])
+    v, internal, gauss = rng["python"]
+    random.setstate((int(v), tuple(int(x) for x in internal), gauss))
+    npst = rng["numpy"]
+    key = tensors["rng/numpy_key"].numpy().view("<u4").astype(np.uint32)
+    np.random.set_state((npst["bit_generator"], key, npst["pos"], npst["has_gauss"], npst["cached_gaussian"]))  # noqa: NPY002
+    n = int(rng.get("cuda_devices", 0))
+    if n and torch.cuda.is_available() and n == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensors[f"rng/cuda/{i}"] for i in range(n)])
+
+
+def _unflatten(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The checkpoint as a dict: model/best state dicts and the optimizer state dict rebuilt from flat keys."""
+    model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} if meta.get("has_best") else None
+    o = meta["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for idx, keys in o["state_keys"].items():
+        scal = o["scalars"].get(idx, {})
+        st = {}
+        for k in keys:
+            tk = f"optim/{idx}/{k}"
+            if tk in tensors:
+                st[k] = tensors[tk]
+            elif k in scal:
+                st[k] = scal[k]
+            else:
+                raise CheckpointError(f"checkpoint {meta.get('source')} is inconsistent: optimizer state '{tk}' is missing")
+        state[int(idx)] = st
+    groups = []
+    for g in o["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    out = {k: v for k, v in meta.items() if k not in ("tensors", "optimizer")}
+    out.update({"model": model, "best_state": best, "optimizer": {"state": state, "param_groups": groups},
+                "rng_tensors": {k: v for k, v in tensors.items() if k.startswith("rng/")}})
+    return out
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train_model` (a file this package wrote itself)."""
+    """Read a checkpoint written by :func:`train_model`: ``<name>.json`` (or ``.safetensors``, or the bare stem).
+
+    Returns ``step``, ``model`` and ``best_state`` (state dicts), ``optimizer`` (a state dict), ``history``,
+    ``best_val``/``best_step``, ``finished``, ``config`` ... Falls back to the previous pair when the newest is
+    torn. A pickle (``.pt``) is refused, never loaded. Raises :class:`CheckpointError` when nothing is usable.
+    """
     path = Path(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises several types for truncated/foreign files
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start afresh") from e
+    if path.suffix in (".pt", ".pth", ".pkl", ".pickle"):
+        raise CheckpointError(f"{path} is a pickle checkpoint; these are never loaded (unpickling can run code)")
+    name = path.name
+    for suf in (".json", ".safetensors"):
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    if name.endswith(".prev"):
+        name = name[: -len(".prev")]
+    meta, problems = _read_checkpoint(CheckpointFiles(path.parent, name))
+    if meta is None:
+        why = "; ".join(problems) or "no checkpoint there"
+        raise CheckpointError(f"checkpoint {path} is unreadable ({why}); delete it to start afresh")
+    out = _unflatten(meta, meta["tensors"])
+    if str(map_location) != "cpu":
+        out["model"] = {k: v.to(map_location) for k, v in out["model"].items()}
+    return out
 
 
 class _DDP(nn.parallel.DistributedDataParallel):
@@ -258,8 +491,8 @@ def train_model(
 
     loss_fn(model, batch) -> loss or (loss, logs); batch_fn(step) -> batch (deterministic in step).
     val_fn(model) -> a validation quantity that uses **no real anomaly label** (used for early stopping and
-    for keeping the best weights). With ``run_dir``, checkpoints go to ``run_dir/checkpoints/<name>.pt``
-    (atomically), every ``cfg.checkpoint_every`` steps, at the end and on SIGINT/SIGTERM; with ``resume`` an
+    for keeping the best weights). With ``run_dir``, checkpoints go to ``run_dir/checkpoints/<name>.{safetensors,json}``
+    (see the module docstring), every ``cfg.checkpoint_every`` steps, at the end and on SIGINT/SIGTERM; with ``resume`` an
     existing checkpoint is continued (a finished one is simply loaded). At the end the best-validation weights
     (if any) are loaded into ``model``, which is left in eval mode on the training device.
 
@@ -279,34 +512,47 @@ def train_model(
     bad_vals = 0
     start = 0
     finished = False
-    ckpt = _ckpt_path(Path(run_dir), name) if run_dir is not None else None
-    if ckpt is not None and ddp.is_main_process() and ckpt.parent.is_dir():
-        for stale in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
-    if ckpt is not None and resume and ckpt.exists():
-        state = load_checkpoint(ckpt, map_location=device)
+    files = checkpoint_files(run_dir, name) if run_dir is not None else None
+    if files is not None and ddp.is_main_process():
+        clean_stale_tmp(files.folder)  # left by a process killed while writing
+    state = None
+    if files is not None and resume:
+        meta, problems = _read_checkpoint(files)
+        if problems and ddp.is_main_process():
+            what = f"resuming from {meta['source']} (step {meta['step']})" if meta is not None else "starting afresh"
+            warnings.warn(f"{cfg.desc}: {'; '.join(problems)}; {what}", stacklevel=2)
+        if meta is not None:
+            try:
+                state = _unflatten(meta, meta.pop("tensors"))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"checkpoint {meta.get('source')} is inconsistent ({type(e).__name__}: {e}); "
+                                      "delete it to start afresh") from e
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise RuntimeError(f"checkpoint {ckpt} does not fit this model ({e}); use another run folder or resume=False") from e
+            raise CheckpointError(f"checkpoint {files.meta} does not fit this model ({e}); use another run folder or "
+                                  "resume=False") from e
         old = state.get("config", {})
         changed = [k for k in _RESUME_KEYS if k in old and old[k] != getattr(cfg, k)]
         if changed and ddp.is_main_process():
-            warnings.warn(f"{cfg.desc}: resuming {ckpt} with changed training settings {changed}; the result will "
+            warnings.warn(f"{cfg.desc}: resuming {files.meta} with changed training settings {changed}; the result will "
                           "differ from an uninterrupted run", stacklevel=2)
-        start = int(state["step"])
-        result.history = list(state["history"])
-        result.best_val, result.best_step = state["best_val"], state["best_step"]
-        best_state = state["best_state"]
-        bad_vals = int(state.get("bad_vals", 0))
-        result.stopped_early = bool(state.get("stopped_early", False))
-        finished = bool(state.get("finished", False)) or result.stopped_early
-        if "rng" in state:
-            _set_rng_state(state["rng"])
-        else:
-            torch.set_rng_state(state["torch_rng"])
+        try:
+            start = int(state["step"])
+            result.history = list(state["history"])
+            result.best_val, result.best_step = state["best_val"], state["best_step"]
+            best_state = state["best_state"]
+            bad_vals = int(state.get("bad_vals", 0))
+            result.stopped_early = bool(state.get("stopped_early", False))
+            finished = bool(state.get("finished", False)) or result.stopped_early
+            _restore_rng(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {state.get('source')} is inconsistent ({type(e).__name__}: {e}); delete it "
+                                  "to start afresh") from e
         result.resumed_from = start
+        del state
     else:
         seed_everything(int(cfg.seed) + rank)
 
@@ -403,14 +649,14 @@ def train_model(
             if cfg.early_stopping_patience and bad_vals >= cfg.early_stopping_patience:
                 result.stopped_early = True
                 break
-            if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                _save_ckpt(ckpt, model, opt, step, result, best_state, bad_vals, cfg, finished=False)
+            if files is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                _save_ckpt(files, model, opt, step, result, best_state, bad_vals, cfg, finished=False)
             if interrupted["flag"]:
-                if ckpt is not None:
-                    _save_ckpt(ckpt, model, opt, step, result, best_state, bad_vals, cfg, finished=False)
+                if files is not None:
+                    _save_ckpt(files, model, opt, step, result, best_state, bad_vals, cfg, finished=False)
                 raise KeyboardInterrupt(
                     f"{cfg.desc}: interrupted at step {step}"
-                    + ("; checkpoint saved, resume to continue" if ckpt is not None else " (no run folder: nothing saved)")
+                    + ("; checkpoint saved, resume to continue" if files is not None else " (no run folder: nothing saved)")
                 )
     finally:
         bar.close()
@@ -420,8 +666,8 @@ def train_model(
             torch.use_deterministic_algorithms(prev_det)
     result.steps_done = step
     result.seconds = time.perf_counter() - t0
-    if ckpt is not None and not finished:
-        _save_ckpt(ckpt, model, opt, step, result, best_state, bad_vals, cfg, finished=True)
+    if files is not None and not finished:
+        _save_ckpt(files, model, opt, step, result, best_state, bad_vals, cfg, finished=True)
     if best_state is not None:
         model.load_state_dict(best_state)
     ddp.barrier()

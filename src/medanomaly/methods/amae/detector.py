@@ -15,9 +15,11 @@
 - Stage 2 (only with an unlabeled pool): stage 1 pseudo-labels the pool; per predicted class the most confident
   ``keep_fraction`` is kept. Module A (MAE from the pre-trained weights) is adapted on healthy + pseudo-normal
   images, module B on pseudo-abnormal ones, each with ``n_masks_train`` random masks per image. At test time the
-  map is |mean of A's reconstructions - mean of B's| over ``n_masks_test`` shared maskings, image score its mean.
+  map is |mean of A's reconstructions - mean of B's| over ``n_masks_test`` shared maskings, image score from the map
+  by :mod:`medanomaly.evaluation.scoring` (``image_score``, default its foreground mean).
 - Without a pool (the paper's protocol N) the image score is the stage-1 head probability and the map the
-  pre-trained MAE's residual |x - reconstruction|.
+  pre-trained MAE's residual |x - reconstruction|; the map's own score (``image_score``) is in
+  ``extras["map_image_scores"]``.
 
 The pool is passed as ``fit(train, val, unlabeled=dataset)`` or named by ``stage2.unlabeled_data`` (a dataset name
 or manifest for :func:`medanomaly.data.load_dataset`). Its labels and masks are never read.
@@ -32,14 +34,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from medanomaly.evaluation.scoring import image_scores
 from medanomaly.methods.amae.anatomy import lung_masks
 from medanomaly.methods.base import AnomalyResult, register
 from medanomaly.methods.mae.common import (
     MAE_COMMON_DEFAULTS,
+    MAE_COMMON_SCHEMA,
     MAEFamilyDetector,
     apply_synth,
     dataset_tensors,
+    size_spec,
     synth_task,
+)
+from medanomaly.methods.params import (
+    IMAGE_SCORE_SCHEMA,
+    MAX_WIDTH,
+    SEED,
+    TRAIN_SPECS,
+    Bool,
+    Float,
+    Int,
+    Optional,
+    Options,
+    Str,
+    pick,
 )
 from medanomaly.nets.mae import MAE, pretrain_mae, resize_to
 
@@ -156,6 +174,34 @@ class AMAE(MAEFamilyDetector):
             "checkpoint_every": 500,
         },
         "residual": {"mask_ratio": 0.75, "n_masks": 4},  # the stage-1-only map
+        "image_score": {"reduce": "mean", "fraction": 0.01},  # the map's image score (stage 2; protocol N: extras)
+    }
+    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`)
+    parameter_schema = {
+        **MAE_COMMON_SCHEMA,
+        "stage1": pick(
+            TRAIN_SPECS, defaults["stage1"],
+            task=Str(nonempty=True),  # a medanomaly.synth task name, resolved in fit
+            anatomy=Options("auto", "brain", "cxr"),
+            patch=Options("normal", "scar", "random"),
+            feature_norm=Options("none", "standardize"),
+            hidden=Int(1, MAX_WIDTH),
+        ),
+        "stage2": pick(
+            TRAIN_SPECS, defaults["stage2"],
+            enabled=Bool(),
+            unlabeled_data=Optional(Str(nonempty=True)),  # a data set name or manifest
+            unlabeled_split=Str(nonempty=True),
+            unlabeled_size=Optional(size_spec(4096)),
+            keep_fraction=Float(0, 1, closed="right"),
+            min_abnormal=Int(0, 10**6),
+            fallback_fraction=Float(0, 1),
+            n_masks_train=Int(1, 1024),
+            n_masks_test=Int(1, 1024),
+            test_seed=SEED,
+        ),
+        "residual": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024)},
+        "image_score": IMAGE_SCORE_SCHEMA,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -168,7 +214,18 @@ class AMAE(MAEFamilyDetector):
         self.stage1_info: dict[str, Any] = {}  # the head's synthetic validation (AUROC, acc) after stage 1
 
     # -- training -----------------------------------------------------------------------------
-    def fit(self, train: Any, val: Any | None = None, unlabeled: Any | None = None) -> AMAE:
+    @classmethod
+    def data_sources(cls, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Stage 2's unlabeled pool, when ``stage2.unlabeled_data`` names a data set (its labels are never read)."""
+        s2 = params["stage2"]
+        if not s2["enabled"] or not s2["unlabeled_data"]:
+            return {}
+        req: dict[str, Any] = {"data": str(s2["unlabeled_data"]), "split": str(s2["unlabeled_split"]), "normal_only": False}
+        if s2["unlabeled_size"]:
+            req["size"] = s2["unlabeled_size"]
+        return {"unlabeled": req}
+
+    def _fit(self, train: Any, val: Any | None = None, unlabeled: Any | None = None) -> None:
         self._anatomy_kind = str(self.params["stage1"]["anatomy"])
         if self._anatomy_kind == "auto":
             self._anatomy_kind = "cxr" if str(getattr(train, "preset", "")).startswith("cxr") else "brain"
@@ -180,22 +237,22 @@ class AMAE(MAEFamilyDetector):
         self.mae_a = self.mae_b = None
         self.pool_info = {}
         s2 = self.params["stage2"]
-        if unlabeled is None and s2["unlabeled_data"]:
-            from medanomaly.data.samples import load_dataset
-
-            kw = {"size": s2["unlabeled_size"]} if s2["unlabeled_size"] else {}
-            unlabeled = load_dataset(s2["unlabeled_data"], split=s2["unlabeled_split"], **kw)
+        if unlabeled is None and s2["enabled"] and s2["unlabeled_data"]:
+            raise ValueError(f"amae: stage2.unlabeled_data={s2['unlabeled_data']!r} names a data set; pass its images as "
+                             "fit(..., unlabeled=dataset) (the pipeline does this)")
         if unlabeled is not None and s2["enabled"]:
             xu, _ = dataset_tensors(unlabeled, self.model_size, "unlabeled pool")
             self._fit_stage2(x, xv, xu)
-        self.is_fitted = True
-        return self
 
     def adapt(self, train: Any, val: Any | None, unlabeled: Any) -> AMAE:
         """Stage 2 alone on a fitted detector: pseudo-label ``unlabeled`` with the stage-1 head and train modules A
         and B (replacing earlier ones). ``train``/``val`` must be the healthy sets ``fit`` was given (module A
         trains on them too); the pre-trained encoder and the head are kept. Lets one stage 1 serve several pools."""
+        from medanomaly.data.healthy import HealthyView
+
         self._check_fitted()
+        train, unlabeled = HealthyView(train), HealthyView(unlabeled, where="unlabeled pool")
+        val = HealthyView(val, where="validation data") if val is not None else None
         train, val = self._split(train, val)
         x, _ = dataset_tensors(train, self.model_size, "train")
         xv = dataset_tensors(val, self.model_size, "val")[0] if val is not None else None
@@ -323,7 +380,7 @@ class AMAE(MAEFamilyDetector):
 
     # -- inference ----------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
         x, fg = self._prepare(images, foreground)
         bs = int(self.params["batch_size"])
         p1 = self.stage1_scores(x)
@@ -336,7 +393,7 @@ class AMAE(MAEFamilyDetector):
             maps = (ra - rb).abs().mean(1)
             if fg is not None:
                 maps = maps * fg[:, 0]
-            scores = self._masked_mean(maps, fg)
+            scores = image_scores(maps, fg, **self.params["image_score"])
             extras.update(reconstructions_a=ra.cpu(), reconstructions_b=rb.cpu())
             extras["restoration"] = resize_to(ra, tuple(images.shape[2:])).cpu()  # module A's mean reconstruction
         else:
@@ -347,6 +404,7 @@ class AMAE(MAEFamilyDetector):
             if fg is not None:
                 maps = maps * fg[:, 0]
             scores = p1
+            extras["map_image_scores"] = image_scores(maps, fg, **self.params["image_score"]).cpu()
             extras["reconstructions"] = rec.cpu()
             extras["restoration"] = resize_to(rec, tuple(images.shape[2:])).cpu()  # the pre-trained MAE's
         out = self._to_input_size(maps, tuple(images.shape[2:]))

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from medanomaly.methods.base import register
-from medanomaly.methods.mim_ood.common import TokenRestorationDetector, derive_defaults, train_ar
+from medanomaly.methods.mim_ood.common import TokenRestorationDetector, derive_defaults, derive_schema, train_ar
 from medanomaly.nets.tokens import TokenTransformer, ar_restore, ar_token_nll
 
 __all__ = ["ARRestoration"]
@@ -23,6 +23,8 @@ class ARRestoration(TokenRestorationDetector):
     defaults: ClassVar[dict[str, Any]] = derive_defaults(**{"restoration.threshold": {"mode": "quantile", "quantile": 0.98,
                                                                                      "value": 6.0}})
     latent_modules: ClassVar[tuple[str, ...]] = ("ar",)
+    #: the fixed threshold is a token NLL (>= 0)
+    parameter_schema: ClassVar[dict[str, Any]] = derive_schema(latent_modules)
 
     def _build_latent(self) -> dict[str, TokenTransformer]:
         return {"ar": self._transformer(int(self.params["tokenizer"]["num_embeddings"]), causal=True)}

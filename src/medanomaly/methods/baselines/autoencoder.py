@@ -19,8 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medanomaly.evaluation.scoring import check_image_score, image_scores
 from medanomaly.methods.base import AnomalyResult, Detector, register
-from medanomaly.methods.baselines.common import check_image_score, check_smooth, foreground_or_ones, image_scores, min_avg_smooth
+from medanomaly.methods.baselines.common import check_smooth, foreground_or_ones, min_avg_smooth
+from medanomaly.methods.params import (
+    DEVICE,
+    IMAGE_SCORE_SCHEMA,
+    MAX_WIDTH,
+    SEED,
+    TRAIN_SPECS,
+    Float,
+    Int,
+    ListOf,
+    Options,
+    pick,
+)
 
 __all__ = ["AutoencoderDetector"]
 
@@ -58,8 +71,7 @@ class AutoencoderDetector(Detector):
         "val_fraction": 0.1,  # held out of train when fit() gets no val set (0: no validation)
         "val_max_images": 256,  # validation uses at most this many images (a fixed, seeded subset)
         "smooth": {"min_size": 3, "avg_size": 5},
-        "image_score": "topk",
-        "topk_fraction": 0.01,
+        "image_score": {"reduce": "topk", "fraction": 0.01},
         "seed": 0,
         "device": "auto",
         "train": {
@@ -78,6 +90,25 @@ class AutoencoderDetector(Detector):
             "deterministic": False,
         },
     }
+    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`); channels/strides lengths and odd smoothing
+    #: sizes are checked in ``__init__``
+    parameter_schema: ClassVar[dict[str, Any]] = {
+        "channels": ListOf(Int(1, MAX_WIDTH), 1, 16),
+        "strides": ListOf(Int(1, 8), 1, 16),
+        "num_res_units": Int(0, 16),
+        "norm": Options("instance", "batch"),
+        "dropout": Float(0, 1, closed="left"),
+        "loss": Options("l1", "l2"),
+        "batch_size": Int(1, 65536),
+        "predict_batch_size": Int(1, 65536),
+        "val_fraction": Float(0, 1, closed="left"),
+        "val_max_images": Int(1, 10**7),
+        "smooth": {"min_size": Int(1, 99), "avg_size": Int(1, 99)},
+        "image_score": IMAGE_SCORE_SCHEMA,
+        "seed": SEED,
+        "device": DEVICE,
+        "train": pick(TRAIN_SPECS, defaults["train"]),
+    }
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -88,7 +119,7 @@ class AutoencoderDetector(Detector):
             raise ValueError(f"autoencoder: channels {p['channels']} and strides {p['strides']} must have the same length")
         if not 0 <= float(p["val_fraction"]) < 1:
             raise ValueError(f"autoencoder: val_fraction must be in [0, 1), got {p['val_fraction']}")
-        check_image_score("autoencoder", p["image_score"], p["topk_fraction"])
+        check_image_score(p["image_score"], "autoencoder")
         check_smooth("autoencoder", p["smooth"])
         from medanomaly.training import config_from_dict
 
@@ -126,7 +157,7 @@ class AutoencoderDetector(Detector):
         return d.mean(1)
 
     # -- contract ---------------------------------------------------------------------------------
-    def fit(self, train: Any, val: Any | None = None) -> AutoencoderDetector:
+    def _fit(self, train: Any, val: Any | None = None) -> None:
         """Train on ``train`` (healthy images; only ``image``/``foreground`` are read)."""
         from medanomaly.training import BatchSampler, get_device, train_model
         from medanomaly.training.loop import seed_everything
@@ -180,14 +211,11 @@ class AutoencoderDetector(Detector):
                              name="autoencoder", resume=self.resume)
         self.train_log = [{"stage": "autoencoder", **r} for r in result.history]
         self.net.to("cpu").eval()
-        self.is_fitted = True
-        return self
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
         from medanomaly.training import get_device
 
-        self.check_input(images, foreground)
         assert self.net is not None
         if images.ndim - 2 != self.spatial_dims or images.shape[1] != self.in_channels:
             raise ValueError(f"autoencoder: trained on {self.in_channels}-channel {self.spatial_dims}D images, "
@@ -206,7 +234,7 @@ class AutoencoderDetector(Detector):
         m = min_avg_smooth(m, int(sm["min_size"]), int(sm["avg_size"]))
         fg = foreground_or_ones(images, foreground).cpu()
         m = torch.where(fg, m, torch.zeros_like(m)).float()
-        scores = image_scores(m, fg, self.params["image_score"], self.params["topk_fraction"])
+        scores = image_scores(m, fg, **self.params["image_score"])
         rec = torch.cat(recs)  # the healthy-looking image, at the input size (extras["restoration"] convention)
         return AnomalyResult(pixel_scores=m, image_scores=scores, extras={"reconstruction": rec, "restoration": rec})
 

@@ -1,4 +1,7 @@
-"""Small helpers shared by the baselines: map smoothing, foreground handling, image-score reduction."""
+"""Small helpers shared by the baselines: map smoothing and foreground handling.
+
+Image scores come from :func:`medanomaly.evaluation.scoring.image_scores` (the rule shared by every method).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["IMAGE_SCORES", "foreground_or_ones", "image_scores", "min_avg_smooth", "check_image_score", "check_smooth"]
-
-IMAGE_SCORES = ("max", "mean", "topk")
-
-
-def check_image_score(where: str, how: str, k: float) -> None:
-    if how not in IMAGE_SCORES:
-        raise ValueError(f"{where}: image_score must be one of {IMAGE_SCORES}, got '{how}'")
-    if not 0 < float(k) <= 1:
-        raise ValueError(f"{where}: topk_fraction must be in (0, 1], got {k}")
+__all__ = ["check_smooth", "foreground_or_ones", "min_avg_smooth"]
 
 
 def foreground_or_ones(images: torch.Tensor, foreground: torch.Tensor | None) -> torch.Tensor:
@@ -42,10 +36,3 @@ def min_avg_smooth(maps: torch.Tensor, min_size: int, avg_size: int) -> torch.Te
     out = smooth_min_avg(maps, min_size if min_size > 1 else None, avg_size if avg_size > 1 else None,
                          spatial_dims=maps.ndim - 1)
     return torch.as_tensor(out, dtype=maps.dtype, device=maps.device).reshape(maps.shape)
-
-
-def image_scores(maps: torch.Tensor, fg: torch.Tensor, how: str, k: float) -> torch.Tensor:
-    """One score per image from its map over the foreground (``medanomaly.evaluation.metrics.reduce_map``)."""
-    from medanomaly.evaluation.metrics import reduce_map
-
-    return torch.as_tensor(reduce_map(maps.detach().cpu(), how=how, k=k, foreground=fg.cpu()), dtype=torch.float32)

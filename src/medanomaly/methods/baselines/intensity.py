@@ -6,8 +6,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from medanomaly.evaluation.scoring import check_image_score, image_scores
 from medanomaly.methods.base import AnomalyResult, Detector, register
-from medanomaly.methods.baselines.common import check_image_score, check_smooth, foreground_or_ones, image_scores, min_avg_smooth
+from medanomaly.methods.baselines.common import check_smooth, foreground_or_ones, min_avg_smooth
+from medanomaly.methods.params import IMAGE_SCORE_SCHEMA, MAX_WIDTH, SEED, Int, Options
 from medanomaly.training.progress import track
 
 __all__ = ["IntensityDetector"]
@@ -32,9 +34,17 @@ class IntensityDetector(Detector):
         "normalise": "image",
         "channel": 0,
         "smooth": {"min_size": 1, "avg_size": 1},
-        "image_score": "topk",
-        "topk_fraction": 0.01,
+        "image_score": {"reduce": "topk", "fraction": 0.01},
         "seed": 0,
+    }
+    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`); smoothing sizes must also be odd
+    parameter_schema: ClassVar[dict[str, Any]] = {
+        "sign": Options(1, -1),
+        "normalise": Options(*NORMALISE),
+        "channel": Int(-1, MAX_WIDTH - 1),  # -1: the channel mean
+        "smooth": {"min_size": Int(1, 99), "avg_size": Int(1, 99)},
+        "image_score": IMAGE_SCORE_SCHEMA,
+        "seed": SEED,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -44,7 +54,7 @@ class IntensityDetector(Detector):
             raise ValueError(f"intensity: sign must be +1 or -1, got {p['sign']}")
         if p["normalise"] not in NORMALISE:
             raise ValueError(f"intensity: normalise must be one of {NORMALISE}, got '{p['normalise']}'")
-        check_image_score("intensity", p["image_score"], p["topk_fraction"])
+        check_image_score(p["image_score"], "intensity")
         check_smooth("intensity", p["smooth"])
         self.stats: dict[str, float] = {}
 
@@ -56,7 +66,7 @@ class IntensityDetector(Detector):
             raise ValueError(f"intensity: channel {c} does not exist in images with {images.shape[1]} channel(s)")
         return images[:, c]
 
-    def fit(self, train: Any, val: Any | None = None) -> IntensityDetector:
+    def _fit(self, train: Any, val: Any | None = None) -> None:
         """Only for ``normalise="dataset"``: mean/std of foreground intensities of the training images."""
         self.stats = {}
         if self.params["normalise"] == "dataset":
@@ -73,11 +83,8 @@ class IntensityDetector(Detector):
                 raise ValueError("intensity: the training images have no foreground voxels")
             mean = s / n
             self.stats = {"mean": mean, "std": max((s2 / n - mean * mean), 0.0) ** 0.5 or 1.0}
-        self.is_fitted = True
-        return self
 
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
-        self.check_input(images, foreground)
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
         x = self._channel(images.detach().double())
         fg = foreground_or_ones(images, foreground)
         how = self.params["normalise"]
@@ -95,7 +102,7 @@ class IntensityDetector(Detector):
         low = torch.where(fg, x, torch.full_like(x, float("inf"))).flatten(1).amin(1)
         low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
         maps = torch.where(fg, x, _bc(low, x)).float()
-        scores = image_scores(maps, fg, self.params["image_score"], self.params["topk_fraction"])
+        scores = image_scores(maps, fg, **self.params["image_score"])
         return AnomalyResult(pixel_scores=maps, image_scores=scores)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

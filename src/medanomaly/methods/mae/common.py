@@ -12,11 +12,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medanomaly.evaluation.scoring import check_image_score
 from medanomaly.methods.base import Detector
+from medanomaly.methods.params import (
+    DEVICE,
+    MAX_WIDTH,
+    SEED,
+    TRAIN_SPECS,
+    AnyOf,
+    Float,
+    Int,
+    ListOf,
+    Optional,
+    Options,
+    pick,
+)
+from medanomaly.methods.params import Path as PathSpec
 from medanomaly.nets.mae import ARCH_DEFAULTS, MAE, PRETRAIN_DEFAULTS, load_mae_weights, pretrain_mae, resize_to
 
 __all__ = [
     "MAE_COMMON_DEFAULTS",
+    "MAE_COMMON_SCHEMA",
+    "size_spec",
     "MAEFamilyDetector",
     "dataset_tensors",
     "synth_task",
@@ -33,6 +50,29 @@ MAE_COMMON_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "batch_size": 64,  # prediction batch size
+}
+
+
+def size_spec(max_size: int) -> AnyOf:
+    """An int (the same size along every axis) or a list of 2 or 3 ints, each in [1, ``max_size``]."""
+    return AnyOf(Int(1, max_size), ListOf(Int(1, max_size), 2, 3))
+
+
+#: constraints of :data:`MAE_COMMON_DEFAULTS` (see :mod:`medanomaly.methods.params`); divisibility of ``img_size`` by
+#: ``patch_size`` is checked by :class:`medanomaly.nets.mae.MAE`
+MAE_COMMON_SCHEMA: dict[str, Any] = {
+    "mae": {
+        "in_channels": Int(1, MAX_WIDTH), "img_size": size_spec(4096), "patch_size": size_spec(1024),
+        "spatial_dims": Options(2, 3), "hidden_size": Int(1, MAX_WIDTH), "mlp_dim": Int(1, 4 * MAX_WIDTH),
+        "num_layers": Int(1, 128), "num_heads": Int(1, 256), "decoder_hidden_size": Int(1, MAX_WIDTH),
+        "decoder_mlp_dim": Int(1, 4 * MAX_WIDTH), "decoder_num_layers": Int(1, 128), "decoder_num_heads": Int(1, 256),
+    },
+    "pretrain": pick(TRAIN_SPECS, PRETRAIN_DEFAULTS),
+    "pretrained": Optional(PathSpec()),
+    "val_fraction": Float(0, 1, closed="left"),
+    "seed": SEED,
+    "device": DEVICE,
+    "batch_size": Int(1, 65536),
 }
 
 
@@ -120,8 +160,19 @@ class MAEFamilyDetector(Detector):
 
     spatial_dims_supported = (2,)
 
+    @classmethod
+    def shared_parts(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The pre-trained MAE (same MAE, pre-training and seed settings): ``mae`` pre-trains it, ``amae`` and
+        ``mae-pseudo`` start from it (``pretrained``), as in the papers' comparisons."""
+        return {"mae.pre-trained MAE": {k: params[k] for k in ("mae", "pretrain", "seed")}}
+
+    @classmethod
+    def reuse_parts(cls, parts: list[str], run_dir: str) -> dict[str, Any]:
+        return {"pretrained": run_dir}
+
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        check_image_score(self.params["image_score"], self.name)
         self.mae: MAE | None = None
 
     # sizes / devices
@@ -175,7 +226,6 @@ class MAEFamilyDetector(Detector):
 
     def _prepare(self, images: torch.Tensor, foreground: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Check and resize ``predict``'s input to the model size (on the model's device)."""
-        self.check_input(images, foreground)
         c = int(self.params["mae"]["in_channels"])
         if images.shape[1] != c:
             raise ValueError(f"{self.name}: images have {images.shape[1]} channels, the model was built for {c}")

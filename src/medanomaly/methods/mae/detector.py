@@ -1,5 +1,6 @@
 """``mae``: the plain masked-autoencoder reconstruction detector (the pre-training stage of ``amae`` and
-``mae-pseudo`` on its own). Map = |x - reconstruction| averaged over random maskings with a fixed seed."""
+``mae-pseudo`` on its own). Map = |x - reconstruction| averaged over random maskings with a fixed seed; image score
+from the map by :mod:`medanomaly.evaluation.scoring` (``image_score``, default the foreground mean)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from typing import Any
 
 import torch
 
+from medanomaly.evaluation.scoring import image_scores
 from medanomaly.methods.base import AnomalyResult, register
-from medanomaly.methods.mae.common import MAE_COMMON_DEFAULTS, MAEFamilyDetector, dataset_tensors
+from medanomaly.methods.mae.common import MAE_COMMON_DEFAULTS, MAE_COMMON_SCHEMA, MAEFamilyDetector, dataset_tensors
+from medanomaly.methods.params import IMAGE_SCORE_SCHEMA, SEED, Float, Int
 from medanomaly.nets.mae import resize_to
 
 __all__ = ["MAEDetector"]
@@ -20,21 +23,28 @@ class MAEDetector(MAEFamilyDetector):
     (``pretrained: <run folder>``)."""
 
     name = "mae"
+    #: the plain MAE is the one that pre-trains the backbone others reuse, wherever a benchmark lists it
+    share_priority = -1
     defaults = {
         **MAE_COMMON_DEFAULTS,
-        "score": {"mask_ratio": 0.75, "n_masks": 4, "seed": 1234, "image_score": "mean"},  # mean | max | top1
+        "score": {"mask_ratio": 0.75, "n_masks": 4, "seed": 1234},
+        "image_score": {"reduce": "mean", "fraction": 0.01},  # max | mean | topk, over the foreground
+    }
+    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`)
+    parameter_schema = {
+        **MAE_COMMON_SCHEMA,
+        "score": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024), "seed": SEED},
+        "image_score": IMAGE_SCORE_SCHEMA,
     }
 
-    def fit(self, train: Any, val: Any | None = None) -> MAEDetector:
+    def _fit(self, train: Any, val: Any | None = None) -> None:
         train, val = self._split(train, val)
         x, _ = dataset_tensors(train, self.model_size, "train")
         xv = dataset_tensors(val, self.model_size, "val")[0] if val is not None else None
         self.mae = self._backbone(x, xv)
-        self.is_fitted = True
-        return self
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
         x, fg = self._prepare(images, foreground)
         s = self.params["score"]
         g = torch.Generator().manual_seed(int(s["seed"]))
@@ -42,9 +52,9 @@ class MAEDetector(MAEFamilyDetector):
         maps = (x - rec).abs().mean(1)
         if fg is not None:
             maps = maps * fg[:, 0]
-        image_scores = image_score(maps, fg, s["image_score"], self._masked_mean)
+        scores = image_scores(maps, fg, **self.params["image_score"])
         out = self._to_input_size(maps, tuple(images.shape[2:]))
-        return AnomalyResult(out.cpu(), image_scores.cpu(), {"reconstructions": rec.cpu(),
+        return AnomalyResult(out.cpu(), scores.cpu(), {"reconstructions": rec.cpu(),
                                                          "restoration": resize_to(rec, tuple(images.shape[2:])).cpu()})
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -52,16 +62,3 @@ class MAEDetector(MAEFamilyDetector):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.mae = self._load_mae(tensors)
-
-
-def image_score(maps: torch.Tensor, fg: torch.Tensor | None, how: str, masked_mean: Any) -> torch.Tensor:
-    """Image score of maps (B, *S): ``mean`` (over the foreground), ``max``, or ``top1`` (mean of the top 1%)."""
-    if how == "mean":
-        return masked_mean(maps, fg)
-    flat = maps.flatten(1)
-    if how == "max":
-        return flat.amax(1)
-    if how == "top1":
-        k = max(1, int(0.01 * flat.shape[1]))
-        return flat.topk(k, dim=1).values.mean(1)
-    raise ValueError(f"unknown image_score '{how}' (mean | max | top1)")

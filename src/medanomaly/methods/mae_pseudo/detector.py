@@ -10,7 +10,8 @@
 
 Beyond the paper, a pixel map: the residual weighted by the classifier's input-gradient saliency (smoothed,
 normalised per image) and by the classifier's anomaly probability, so that the method localises.
-Image score: the classifier's logit margin (abnormal - normal).
+Image score: the classifier's logit margin (abnormal - normal); the pixel map's own score (``image_score``, by
+:mod:`medanomaly.evaluation.scoring`) is in ``extras["map_image_scores"]``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import torch.nn.functional as F
 from monai.networks.nets import ViT
 from torch import nn
 
+from medanomaly.evaluation.scoring import image_scores
 from medanomaly.methods.base import AnomalyResult, register
 from medanomaly.methods.mae.common import (
     MAE_COMMON_DEFAULTS,
+    MAE_COMMON_SCHEMA,
     MAEFamilyDetector,
     apply_synth,
     dataset_tensors,
     synth_task,
 )
+from medanomaly.methods.params import IMAGE_SCORE_SCHEMA, MAX_WIDTH, SEED, TRAIN_SPECS, Float, Int, Options, Str, pick
 from medanomaly.nets.mae import resize_to
 
 __all__ = ["MAEPseudo", "ResidualClassifier"]
@@ -62,6 +66,20 @@ class MAEPseudo(MAEFamilyDetector):
         "train": {"steps": 1000, "batch_size": 32, "lr": 3e-4, "weight_decay": 0.05, "warmup_steps": 100,
                   "val_every": 100, "early_stopping_patience": 0, "checkpoint_every": 500},
         "pixel_map": {"kind": "residual_x_saliency", "smooth": 5, "gamma": 0.5},  # | residual | saliency
+        "image_score": {"reduce": "topk", "fraction": 0.01},  # the map's score, extras["map_image_scores"]
+    }
+    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`)
+    parameter_schema = {
+        **MAE_COMMON_SCHEMA,
+        "recon": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024), "seed": SEED},
+        "pseudo": {"task": Str(nonempty=True)},  # a medanomaly.synth task name, resolved in fit
+        "classifier": {"patch_size": Int(1, 1024), "hidden_size": Int(1, MAX_WIDTH), "mlp_dim": Int(1, 4 * MAX_WIDTH),
+                       "num_layers": Int(1, 128), "num_heads": Int(1, 256), "dropout": Float(0, 1, closed="left")},
+        "train": pick(TRAIN_SPECS, defaults["train"]),
+        # smooth: an odd box size (1: off)
+        "pixel_map": {"kind": Options("residual_x_saliency", "residual", "saliency"), "smooth": Int(1, 99),
+                      "gamma": Float(0, None)},
+        "image_score": IMAGE_SCORE_SCHEMA,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -81,7 +99,7 @@ class MAEPseudo(MAEFamilyDetector):
         return self.mae.reconstruct(x.to(self.device), float(r["mask_ratio"]), int(r["n_masks"]), g,
                                     int(self.params["batch_size"])).cpu()
 
-    def fit(self, train: Any, val: Any | None = None) -> MAEPseudo:
+    def _fit(self, train: Any, val: Any | None = None) -> None:
         from medanomaly.training.loop import TrainConfig, train_model
 
         train, val = self._split(train, val)
@@ -138,10 +156,8 @@ class MAEPseudo(MAEFamilyDetector):
                           name="classifier", resume=self.resume)
         self._log(res.history, "classifier")
         self.clf.eval()
-        self.is_fitted = True
-        return self
 
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
         x, fg = self._prepare(images, foreground)
         pm = self.params["pixel_map"]
         kind = pm["kind"]
@@ -179,7 +195,9 @@ class MAEPseudo(MAEFamilyDetector):
         if fg is not None:
             maps = maps * fg[:, 0]
         out = self._to_input_size(maps.detach(), tuple(images.shape[2:]))
+        map_scores = image_scores(maps.detach(), fg, **self.params["image_score"]).cpu()
         return AnomalyResult(out.cpu(), margin.cpu(), {"probabilities": prob.cpu(), "reconstructions": rec.cpu(),
+                                                       "map_image_scores": map_scores,
                                                        "residuals": res_map.cpu(),
                                                        "restoration": resize_to(rec, tuple(images.shape[2:])).cpu()})
 

@@ -20,8 +20,8 @@ the ``restoration.threshold.quantile`` quantile (default 0.98) of the scores of 
 tokens get re-sampled. ``threshold.mode: fixed`` uses ``threshold.value`` instead (the paper's lambda = 0.005
 for the ATD, NLL = 6 for the AR model). T and R are not tuned: the paper's values (T = 8, R = 4) are used.
 
-Image score: the mean of the top ``image_score_top`` fraction (default 1%) of the smoothed map inside the
-foreground.
+Image score: from the smoothed map by :mod:`medanomaly.evaluation.scoring` (``image_score``; default the mean of
+the top 1% of the foreground voxels).
 
 Shared modules can be reused from another run folder of these methods (``reuse.run_dir``, ``reuse.modules``), so
 that the three methods can be compared on one tokenizer (and one MVTM), as in the paper.
@@ -39,9 +39,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from medanomaly.evaluation.postprocess import smooth_min_avg
+from medanomaly.evaluation.scoring import check_image_score, image_scores
 from medanomaly.methods.base import AnomalyResult, Detector
+from medanomaly.methods.params import (
+    DEVICE,
+    IMAGE_SCORE_SCHEMA,
+    MAX_WIDTH,
+    SEED,
+    TRAIN_SPECS,
+    Bool,
+    Float,
+    Int,
+    ListOf,
+    Options,
+    pick,
+    with_changes,
+)
+from medanomaly.methods.params import Path as PathSpec
 from medanomaly.nets.tokens import MaskBank, TokenTransformer, VQTokenizer, gumbel_sample
-from medanomaly.training import TrainConfig, autocast, get_device, seed_everything, train_model
+from medanomaly.training import TrainConfig, autocast, get_device, train_model
 
 __all__ = [
     "COMMON_DEFAULTS",
@@ -78,9 +94,41 @@ COMMON_DEFAULTS: dict[str, Any] = {
         "T": 8, "R": 4, "temperature": 1.0,
         "threshold": {"mode": "quantile", "quantile": 0.98, "value": 0.005},
         "residual_to": "input",  # "input" (paper) | "reconstruction" (VQ-VAE reconstruction of the input)
-        "min_pool": 3, "avg_pool": 7, "image_score_top": 0.01, "batch_size": 32, "seed": 0,
+        "min_pool": 3, "avg_pool": 7, "batch_size": 32, "seed": 0,
         "extra_token_scores": False,
     },
+    "image_score": {"reduce": "topk", "fraction": 0.01},  # from the smoothed map (medanomaly.evaluation.scoring)
+}
+
+
+#: constraints of :data:`COMMON_DEFAULTS` (see :mod:`medanomaly.methods.params`); each method narrows it with
+#: :func:`derive_schema`
+COMMON_SCHEMA: dict[str, Any] = {
+    "seed": SEED,
+    "device": DEVICE,
+    "amp": Bool(),
+    "reuse": {"run_dir": PathSpec(), "modules": ListOf(Options("tokenizer", "mvtm", "atd", "critic", "ar"))},
+    "tokenizer": {
+        "num_embeddings": Int(2, 65536), "embedding_dim": Int(1, MAX_WIDTH), "channels": ListOf(Int(1, MAX_WIDTH), 1, 8),
+        "num_res_layers": Int(0, 16), "commitment_cost": Float(0, None), "decay": Float(0, 1, closed="left"),
+    },
+    "tokenizer_train": pick(TRAIN_SPECS, COMMON_DEFAULTS["tokenizer_train"]),
+    "augment": {"gamma": ListOf(Float(0, None, closed="neither"), 2, 2), "contrast": ListOf(Float(0, None), 2, 2),
+                "brightness": Float(0, 1), "flip": Bool()},
+    "transformer": {"dim": Int(1, MAX_WIDTH), "depth": Int(1, 128), "heads": Int(1, 256),
+                    "mlp_ratio": Float(0, 64, closed="right"), "drop_path": Float(0, 1, closed="left"),
+                    "dropout": Float(0, 1, closed="left")},
+    "transformer_train": pick(TRAIN_SPECS, COMMON_DEFAULTS["transformer_train"]),
+    "masks": {"bank_size": Int(1, 10**6), "corrupt_low": Float(0, 1), "corrupt_high": Float(0, 1)},
+    "restoration": {
+        "T": Int(1, 10_000), "R": Int(1, 10_000), "temperature": Float(0, None, closed="neither"),
+        # value: a token-score threshold (a probability for the ATD / critic, an NLL for the AR model)
+        "threshold": {"mode": Options("quantile", "fixed"), "quantile": Float(0, 1), "value": Float(0, None)},
+        "residual_to": Options("input", "reconstruction"),
+        "min_pool": Int(1, 99), "avg_pool": Int(1, 99), "batch_size": Int(1, 65536), "seed": SEED,
+        "extra_token_scores": Bool(),
+    },
+    "image_score": IMAGE_SCORE_SCHEMA,
 }
 
 
@@ -289,10 +337,36 @@ class TokenRestorationDetector(Detector):
 
     spatial_dims_supported: ClassVar[tuple[int, ...]] = (2, 3)
     defaults: ClassVar[dict[str, Any]] = COMMON_DEFAULTS
+    parameter_schema: ClassVar[dict[str, Any]] = COMMON_SCHEMA
     latent_modules: ClassVar[tuple[str, ...]] = ()
+
+    #: what determines each shareable module (see :meth:`shared_parts`)
+    _TOKENIZER_KEYS: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_train", "augment", "seed")
+    _MVTM_KEYS: ClassVar[tuple[str, ...]] = ("transformer", "transformer_train", "masks")
+    #: inference-time settings: never part of what a module learned
+    _INFERENCE_KEYS: ClassVar[tuple[str, ...]] = ("restoration", "reuse", "image_score")
+
+    @classmethod
+    def shared_parts(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The VQ-VAE tokenizer (same tokenizer settings), the MVTM (same tokenizer and transformer settings: the
+        paper's MVTM + Token Critic baseline reuses MIM-OOD's) and this method's other modules (all training
+        settings equal: e.g. a variant that differs only in ``restoration.*``)."""
+        tok = {k: params[k] for k in cls._TOKENIZER_KEYS}
+        out: dict[str, Any] = {"mim.tokenizer": tok}
+        train = {k: v for k, v in params.items() if k not in cls._INFERENCE_KEYS}
+        for m in cls.latent_modules:
+            out[f"mim.{m}"] = {**tok, **{k: params[k] for k in cls._MVTM_KEYS}} if m == "mvtm" else {"method": cls.name, **train}
+        return out
+
+    @classmethod
+    def reuse_parts(cls, parts: list[str], run_dir: str) -> dict[str, Any]:
+        mods = [p.removeprefix("mim.") for p in parts]
+        order = ["tokenizer", *cls.latent_modules]
+        return {"reuse.run_dir": run_dir, "reuse.modules": [m for m in order if m in mods]}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        check_image_score(self.params["image_score"], self.name)
         self.tokenizer: VQTokenizer | None = None
         self.nets: dict[str, TokenTransformer] = {}
         self.image_shape: tuple[int, ...] = ()
@@ -368,8 +442,7 @@ class TokenRestorationDetector(Detector):
             done.add(name)
         return done
 
-    def fit(self, train: Any, val: Any | None = None) -> TokenRestorationDetector:
-        seed_everything(int(self.params["seed"]))
+    def _fit(self, train: Any, val: Any | None = None) -> None:
         x, fg = stack_images(train, "train")
         if x.ndim - 2 not in self.spatial_dims_supported:
             raise ValueError(f"{self.name}: images must have 2 or 3 spatial dims, got shape {tuple(x.shape[1:])}")
@@ -397,8 +470,6 @@ class TokenRestorationDetector(Detector):
         self.threshold = self._calibrate(calib_x, calib_fg)
         self.train_log.append({"stage": "calibration", "threshold": self.threshold,
                                "on": "validation" if xv is not None else "train"})
-        self.is_fitted = True
-        return self
 
     def _fit_latent(self, tokens: torch.Tensor, val_tokens: torch.Tensor | None, reused: set[str]) -> None:
         raise NotImplementedError
@@ -450,8 +521,7 @@ class TokenRestorationDetector(Detector):
         return bias.masked_fill(~self.token_used.to(device), float("-inf"))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
-        self.check_input(images, foreground)
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
         if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"{self.name}: images must have shape (B, {', '.join(map(str, self.image_shape))}) as in "
                              f"training, got {tuple(images.shape)}")
@@ -481,12 +551,7 @@ class TokenRestorationDetector(Detector):
             else:
                 fgb = torch.ones_like(maps, dtype=torch.bool)
             maps = maps * fgb
-            k = maps.flatten(1)
-            fgf = fgb.flatten(1)
-            ntop = (fgf.sum(1).float() * float(rp["image_score_top"])).ceil().clamp_min(1).long()
-            srt = torch.where(fgf, k, torch.full_like(k, -float("inf"))).sort(1, descending=True).values
-            ar = torch.arange(srt.shape[1], device=dev).unsqueeze(0)
-            img_score = torch.where(ar < ntop.unsqueeze(1), srt, torch.zeros_like(srt)).sum(1) / ntop
+            img_score = image_scores(maps, fgb, **self.params["image_score"])
             parts = {
                 "pixel": maps, "image": img_score, "token_scores": scores.view(b, *tshape),
                 "restoration": dec.mean(1), "token_resampled": changed.float().mean(1).view(b, *tshape),
@@ -533,6 +598,12 @@ def derive_defaults(**changes: Any) -> dict[str, Any]:
             node = node[p]
         node[parts[-1]] = value
     return out
+
+
+def derive_schema(latent_modules: tuple[str, ...], **changes: Any) -> dict[str, Any]:
+    """:data:`COMMON_SCHEMA` for a method with ``latent_modules`` (the modules ``reuse.modules`` may name), with
+    dotted-key changes, e.g. ``{"restoration.threshold.value": Float(0, 1)}``."""
+    return with_changes(COMMON_SCHEMA, **{"reuse.modules": ListOf(Options("tokenizer", *latent_modules))}, **changes)
 
 
 def critic_corruption(bank: MaskBank, mvtm: TokenTransformer, temperature: float = 1.0,

@@ -12,10 +12,12 @@ from medanomaly.methods.base import register
 from medanomaly.methods.mim_ood.common import (
     TokenRestorationDetector,
     derive_defaults,
+    derive_schema,
     random_token_corruption,
     train_mvtm,
     train_token_classifier,
 )
+from medanomaly.methods.params import Float
 from medanomaly.nets.tokens import MaskBank, TokenTransformer, mim_restore, mvtm_token_nll
 
 __all__ = ["MIMOOD"]
@@ -29,6 +31,8 @@ class MIMOOD(TokenRestorationDetector):
     name: ClassVar[str] = "mim-ood"
     defaults: ClassVar[dict[str, Any]] = derive_defaults()
     latent_modules: ClassVar[tuple[str, ...]] = ("atd", "mvtm")
+    #: the fixed threshold is an ATD probability
+    parameter_schema: ClassVar[dict[str, Any]] = derive_schema(latent_modules, **{"restoration.threshold.value": Float(0, 1)})
 
     def _build_latent(self) -> dict[str, TokenTransformer]:
         k = int(self.params["tokenizer"]["num_embeddings"])

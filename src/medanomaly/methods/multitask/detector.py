@@ -16,8 +16,9 @@ Prediction is the mean of the members' maps (``predict(..., member=i)`` gives on
 
 Synthesis is a pure function of ``(seed, member, step, slot)``, so training batches are identical with or without
 DataLoader workers and after a resume. Checkpoints go to ``work_dir/<member>/``; finished members are stored
-there as ``member.safetensors`` + ``member.json`` and are reused by a later ``fit`` with the same settings (this is
-how members trained in parallel processes, e.g. one per GPU with ``members=[i]``, are collected).
+there as ``member.safetensors`` + ``member.json`` and are reused by a later ``fit`` with the same settings and the
+same training data (data fingerprint; see :mod:`.members`). This is how members trained in parallel processes, e.g.
+one per GPU with ``members=[i]``, are collected.
 """
 
 from __future__ import annotations
@@ -28,15 +29,36 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from medanomaly.methods.base import AnomalyResult, Detector, atomic_write_bytes, atomic_write_text, register
+from medanomaly.data.fingerprint import Fingerprinter
+from medanomaly.evaluation.scoring import check_image_score, image_scores
+from medanomaly.methods.base import AnomalyResult, Detector, register
 from medanomaly.methods.multitask.folds import Combination, assign_folds, select_combinations, task_combinations
+from medanomaly.methods.multitask.members import MemberKey, claim_member_dir, data_key, load_member, save_member
 from medanomaly.methods.multitask.model import MultiTaskUNet
+from medanomaly.methods.params import (
+    IMAGE_SCORE_SCHEMA,
+    MAX_STEPS,
+    MAX_WIDTH,
+    SEED,
+    TRAIN_SPECS,
+    Bool,
+    DictOf,
+    Float,
+    Int,
+    ListOf,
+    Optional,
+    Options,
+    Str,
+    pick,
+)
+from medanomaly.methods.params import Any as AnyValue
+from medanomaly.methods.params import Path as PathSpec
 
 __all__ = ["MultiTaskDetector"]
 
@@ -96,17 +118,59 @@ class MultiTaskDetector(Detector):
         # a run folder whose finished members (trained with the same settings) are loaded instead of trained again,
         # e.g. a 5-member ensemble that starts from a 3-member run's members
         "reuse_members_from": "",
+        # image score from the map (medanomaly.evaluation.scoring): max | mean | topk (mean of the top fraction)
+        "image_score": {"reduce": "topk", "fraction": 0.01},
         "predict": {
             "batch_size": 8,
             "roi_size": None,  # sliding-window size for large volumes (None: whole image)
             "sw_batch_size": 1,
             "overlap": 0.25,
-            "image_score": "topk",  # "max" | "mean" | "topk" (mean of the top fraction inside the foreground)
-            "topk_fraction": 0.01,
             "mask_foreground": True,  # zero the map outside the foreground when one is given
             "member_maps": False,  # also return every member's map in extras["member_maps"]
         },
         "seed": 0,
+    }
+    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`); cross-key rules are in ``_check_params``
+    parameter_schema: dict[str, Any] = {
+        "spatial_dims": Optional(Options(2, 3)),
+        "in_channels": Optional(Int(1, MAX_WIDTH)),
+        "model": {
+            "depth": Int(3, 10),
+            "base_filters": Int(1, MAX_WIDTH),
+            "max_filters": Int(1, MAX_WIDTH),
+            "act": Options("gelu", "relu", "leakyrelu", "prelu", "elu", "selu", "celu", "swish", "mish", "tanh"),
+            "posenc": {"coords": Bool(), "n_fourier": Int(0, 1024), "fourier_scale": Float(0, None), "seed": SEED},
+        },
+        "tasks": {
+            # task names are resolved by medanomaly.synth.get_task (not imported here: it pulls in scipy)
+            "names": ListOf(Str(nonempty=True), 2, 32),
+            "train_count": Int(1, 31),
+            "label_sigma": Float(0, None, closed="neither"),
+            "label_sigma_units": Options("foreground_std", "absolute"),
+            # per task name, keyword arguments of that synth task: free-form here, each task checks its own
+            "params": DictOf(Str(nonempty=True), DictOf(Str(nonempty=True), AnyValue())),
+            "inter_source": Optional(Str(nonempty=True)),  # "auto" | "inverted" | a data set name
+        },
+        "max_models": Optional(Int(1, 10_000)),
+        "members": Optional(ListOf(Int(0, 10_000))),
+        "fold_seed": SEED,
+        "flip_prob": Float(0, 1),
+        "loss": Options("mse", "bce"),
+        "train": pick(TRAIN_SPECS, defaults["train"], steps=Int(1, MAX_STEPS)),
+        "val_samples": Int(1, 10**6),
+        "val_metric": Options("loss", "ap"),
+        "num_workers": Int(0, 256),
+        "reuse_members_from": PathSpec(),
+        "predict": {
+            "batch_size": Int(1, 65536),
+            "roi_size": Optional(ListOf(Int(1, 100_000), 2, 3)),
+            "sw_batch_size": Int(1, 65536),
+            "overlap": Float(0, 1, closed="left"),
+            "mask_foreground": Bool(),
+            "member_maps": Bool(),
+        },
+        "seed": SEED,
+        "image_score": IMAGE_SCORE_SCHEMA,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -115,12 +179,15 @@ class MultiTaskDetector(Detector):
         self.models: list[MultiTaskUNet] = []
         self.member_info: list[dict[str, Any]] = []
         self.label_sigma_effective: float | None = None
+        #: image dimensionality / channels the members were built for (from params, else from the training data)
+        self.spatial_dims_: int | None = None
+        self.in_channels_: int | None = None
 
     # ------------------------------------------------------------------ building blocks
     def _build_model(self) -> MultiTaskUNet:
         m = self.params["model"]
         return MultiTaskUNet(
-            spatial_dims=int(self.params["spatial_dims"]), in_channels=int(self.params["in_channels"]),
+            spatial_dims=int(self.spatial_dims_), in_channels=int(self.in_channels_),
             depth=int(m["depth"]), base_filters=int(m["base_filters"]), max_filters=int(m["max_filters"]),
             posenc=dict(m["posenc"]), act=str(m["act"]),
         )
@@ -131,58 +198,83 @@ class MultiTaskDetector(Detector):
         combos = task_combinations(len(t["names"]), int(t["train_count"]))
         return select_combinations(combos, self.params["max_models"], self.params["members"])
 
+    #: settings that choose or apply members but do not change what a member learns
+    _MEMBER_FREE: ClassVar[tuple[str, ...]] = ("predict", "image_score", "members", "max_models", "num_workers",
+                                               "reuse_members_from")
+
+    @classmethod
+    def shared_parts(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The trained members: a run that differs only in which members it keeps or how it predicts loads the
+        members it has in common with another (``reuse_members_from``) and trains only the others."""
+        return {"multitask.members": {k: v for k, v in params.items() if k not in cls._MEMBER_FREE}}
+
+    @classmethod
+    def reuse_parts(cls, parts: list[str], run_dir: str) -> dict[str, Any]:
+        return {"reuse_members_from": run_dir}
+
     def _config_hash(self) -> str:
         """Hash of everything that determines a member's training (not prediction settings)."""
         keep = {k: v for k, v in self.params.items()
-                if k not in ("predict", "members", "max_models", "num_workers", "reuse_members_from")}
+                if k not in ("predict", "image_score", "members", "max_models", "num_workers", "reuse_members_from")}
         keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("device", "checkpoint_every")}
         return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ training
-    def fit(self, train: Any, val: Any | None = None) -> MultiTaskDetector:
+    @classmethod
+    def data_sources(cls, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The external images of the inter-dataset blending task, when ``tasks.inter_source`` names a data set."""
+        tp = params["tasks"]
+        setting = tp["inter_source"]
+        if "inter-blend" not in tp["names"] or setting in (None, "inverted"):
+            return {}
+        name = INTER_DEFAULT if setting == "auto" else str(setting)
+        return {"inter_source": {"data": name, "split": "train", "optional": setting == "auto"}}
+
+    def _fit(self, train: Any, val: Any | None = None, inter_source: Any | None = None) -> None:
         """Train every selected member on ``train`` (healthy images only; labels and masks are never read).
 
         ``val`` is not needed: validation is synthetic, on held-out folds of ``train``. It is ignored.
+        ``inter_source``: the healthy images of another data set for the inter-dataset blending task (see
+        :meth:`data_sources`; the pipeline loads it).
         """
         from medanomaly.training.loop import TrainConfig, get_device, seed_everything, train_model
 
         pool = _HealthyPool.from_dataset(train, quiet=self.quiet)
-        if self.params["spatial_dims"] is None:
-            self.params["spatial_dims"] = pool.spatial_dims
-        if self.params["in_channels"] is None:
-            self.params["in_channels"] = pool.channels
-        if int(self.params["spatial_dims"]) != pool.spatial_dims or int(self.params["in_channels"]) != pool.channels:
+        dims = pool.spatial_dims if self.params["spatial_dims"] is None else int(self.params["spatial_dims"])
+        chans = pool.channels if self.params["in_channels"] is None else int(self.params["in_channels"])
+        if dims != pool.spatial_dims or chans != pool.channels:
             raise ValueError(
-                f"multitask: configured for {self.params['spatial_dims']}D / {self.params['in_channels']} channel(s) "
+                f"multitask: configured for {dims}D / {chans} channel(s) "
                 f"but the training data is {pool.spatial_dims}D / {pool.channels} channel(s)"
             )
+        self.spatial_dims_, self.in_channels_ = dims, chans
         tp = self.params["tasks"]
         n_tasks = len(tp["names"])
         folds = assign_folds(pool.case_ids, n_tasks, seed=int(self.params["fold_seed"]))
-        inter = _inter_source(tp["inter_source"], pool, "inter-blend" in tp["names"])
+        inter = _inter_source(tp["inter_source"], pool, "inter-blend" in tp["names"], inter_source)
         if tp["label_sigma_units"] == "foreground_std":
             self.label_sigma_effective = float(tp["label_sigma"]) * pool.foreground_std()
         else:
             self.label_sigma_effective = float(tp["label_sigma"])
         synth = _SynthSpec(tp["names"], tp["params"], self.label_sigma_effective, inter)
         tr = self.params["train"]
-        cfg_hash = self._config_hash()
+        # what a reusable member must match: parameters, training data and external inter-blend images (the
+        # contrast-inverted fallback is a function of the training data)
+        key = MemberKey(self._config_hash(), data_key(pool.fingerprint, inter if inter_source is not None else None))
         self.models, self.member_info, self.train_log = [], [], []
         for combo in self.combinations():
             member_dir = Path(self.work_dir) / combo.name if self.work_dir is not None else None
-            done = _load_member(member_dir, cfg_hash) if (member_dir is not None and self.resume) else None
+            done = load_member(member_dir, key) if (member_dir is not None and self.resume) else None
             src = self.params["reuse_members_from"]
             if done is None and src:
                 if not Path(src).is_dir():
                     raise FileNotFoundError(f"multitask: reuse_members_from {src} is not a folder")
-                done = _load_member(Path(src) / combo.name, cfg_hash)
+                done = load_member(Path(src) / combo.name, key)
                 if done is not None:
                     done = (done[0], {**done[1], "reused_from": str(src)}, done[2])
                     if member_dir is not None:  # keep the run folder self-contained (and resumable)
-                        _claim_member_dir(member_dir, cfg_hash)
-                        net = self._build_model()
-                        net.import_state(done[0])
-                        _save_member(member_dir, net, done[1], done[2], cfg_hash)
+                        claim_member_dir(member_dir, key)
+                        save_member(member_dir, done[0], done[1], done[2], key)
             if done is not None:
                 weights, info, history = done
                 net = self._build_model()
@@ -192,7 +284,7 @@ class MultiTaskDetector(Detector):
                 self.train_log.extend({**r, "member": combo.name} for r in history)
                 continue
             if member_dir is not None:
-                _claim_member_dir(member_dir, cfg_hash)
+                claim_member_dir(member_dir, key)
             train_idx = np.flatnonzero(np.isin(folds, combo.train_folds))
             val_idx = np.flatnonzero(np.isin(folds, combo.val_folds))
             seed = int(self.params["seed"])
@@ -266,18 +358,15 @@ class MultiTaskDetector(Detector):
             self.member_info.append(info)
             self.train_log.extend({**r, "member": combo.name} for r in result.history)
             if member_dir is not None:
-                _save_member(member_dir, net, info, result.history, cfg_hash)
-        self.is_fitted = True
-        return self
+                save_member(member_dir, net.export_state(), info, result.history, key)
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None, member: int | None = None) -> AnomalyResult:
-        """Mean map of the members (or of member ``member`` alone); image score from the map (``predict.image_score``)."""
-        self.check_input(images, foreground)
-        if int(images.shape[1]) != int(self.params["in_channels"]) or images.ndim - 2 != int(self.params["spatial_dims"]):
+    def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None, member: int | None = None) -> AnomalyResult:
+        """Mean map of the members (or of member ``member`` alone); image score from the map (``image_score``)."""
+        if int(images.shape[1]) != int(self.in_channels_) or images.ndim - 2 != int(self.spatial_dims_):
             raise ValueError(
-                f"multitask: trained on {self.params['spatial_dims']}D images with {self.params['in_channels']} channel(s), "
+                f"multitask: trained on {self.spatial_dims_}D images with {self.in_channels_} channel(s), "
                 f"got shape {tuple(images.shape)}"
             )
         if member is not None and not 0 <= member < len(self.models):
@@ -310,7 +399,7 @@ class MultiTaskDetector(Detector):
         extras: dict[str, Any] = {"n_members": len(chosen)}
         if members is not None:
             extras["member_maps"] = torch.stack(members)
-        return AnomalyResult(pixel, _image_scores(pixel, fg, pp["image_score"], float(pp["topk_fraction"])), extras)
+        return AnomalyResult(pixel, image_scores(pixel, fg, **self.params["image_score"]), extras)
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -330,11 +419,12 @@ class MultiTaskDetector(Detector):
         if not per:
             raise ValueError("multitask: the weights file holds no member")
         first = per[min(per)]
-        conv = next(v for k, v in first.items() if k.endswith(".weight") and v.ndim in (4, 5))
-        if self.params["spatial_dims"] is None:
-            self.params["spatial_dims"] = conv.ndim - 2
-        if self.params["in_channels"] is None:
-            self.params["in_channels"] = int(conv.shape[1]) - _posenc_channels(self.params)
+        # the first convolution sees the image and positional channels: it tells the dimensionality and channels
+        conv = first.get("net.input_block.conv1.conv.weight")
+        if conv is None:
+            conv = next(v for k, v in first.items() if k.endswith(".weight") and v.ndim in (4, 5))
+        self.spatial_dims_ = conv.ndim - 2
+        self.in_channels_ = int(conv.shape[1]) - _posenc_channels(self.params, self.spatial_dims_)
         self.models = []
         for i in sorted(per):
             net = self._build_model()
@@ -354,10 +444,9 @@ class MultiTaskDetector(Detector):
         return [dict(i) for i in self.member_info]
 
 
-def _posenc_channels(params: dict[str, Any]) -> int:
-    """Number of positional channels the configured encoding adds."""
+def _posenc_channels(params: dict[str, Any], dims: int) -> int:
+    """Number of positional channels the configured encoding adds to ``dims``-D images."""
     pe = params["model"]["posenc"]
-    dims = int(params["spatial_dims"])
     return (dims if pe.get("coords", True) else 0) + 2 * int(pe.get("n_fourier", 0))
 
 
@@ -369,8 +458,7 @@ def _check_params(p: dict[str, Any]) -> None:
         raise ValueError(f"multitask: tasks.train_count must be in 1..{len(t['names']) - 1}, got {t['train_count']}")
     if p["loss"] not in ("mse", "bce"):
         raise ValueError(f"multitask: loss must be 'mse' or 'bce', got {p['loss']!r}")
-    if p["predict"]["image_score"] not in ("max", "mean", "topk"):
-        raise ValueError(f"multitask: predict.image_score must be max | mean | topk, got {p['predict']['image_score']!r}")
+    check_image_score(p["image_score"], "multitask")
     if int(p["train"]["batch_size"]) < 1 or int(p["train"]["steps"]) < 1:
         raise ValueError("multitask: train.batch_size and train.steps must be >= 1")
     if t["label_sigma_units"] not in ("foreground_std", "absolute") or not float(t["label_sigma"]) > 0:
@@ -420,21 +508,6 @@ def _val_ap(model: MultiTaskUNet, val: dict[str, torch.Tensor], device: torch.de
     return float(average_precision_score(y, s))
 
 
-def _image_scores(pixel: torch.Tensor, fg: torch.Tensor | None, how: str, frac: float) -> torch.Tensor:
-    flat = pixel.reshape(pixel.shape[0], -1)
-    out = torch.empty(pixel.shape[0])
-    for i in range(pixel.shape[0]):
-        v = flat[i][fg[i].reshape(-1)] if fg is not None and fg[i].any() else flat[i]
-        if how == "max":
-            out[i] = v.max()
-        elif how == "mean":
-            out[i] = v.mean()
-        else:
-            k = max(1, int(round(frac * v.numel())))
-            out[i] = torch.topk(v, k).values.mean()
-    return out
-
-
 # ====================================================================== synthesis
 class _HealthyPool:
     """Healthy training images held in memory as numpy arrays (C, *S) with their foreground (*S)."""
@@ -446,6 +519,7 @@ class _HealthyPool:
         if len(shapes) != 1:
             raise ValueError(f"multitask: training images must share one shape, got {sorted(shapes)[:4]}")
         self.images, self.foregrounds, self.case_ids = images, foregrounds, case_ids
+        self.fingerprint = ""  # of the data set the pool was read from (from_dataset)
         self.channels = int(images[0].shape[0])
         self.spatial_dims = images[0].ndim - 1
         if self.spatial_dims not in (2, 3):
@@ -469,8 +543,10 @@ class _HealthyPool:
         if n == 0:
             raise ValueError("multitask: the training set is empty")
         imgs, fgs, cases = [], [], []
+        fingerprint = Fingerprinter()  # == dataset_fingerprint(ds), in the same pass
         for i in tqdm(range(n), desc="multitask: loading training images", disable=quiet or n < 64, leave=False):
             s = ds[i]
+            fingerprint.add_item(s)
             im = s["image"].numpy() if isinstance(s["image"], torch.Tensor) else np.asarray(s["image"])
             im = np.ascontiguousarray(im, dtype=np.float32)
             if not np.isfinite(im).all():
@@ -480,7 +556,9 @@ class _HealthyPool:
             imgs.append(im)
             fgs.append(fg.astype(bool))
             cases.append(str(s.get("case_id", f"sample_{i}")))
-        return cls(imgs, fgs, cases)
+        pool = cls(imgs, fgs, cases)
+        pool.fingerprint = fingerprint.hexdigest()
+        return pool
 
 
 class _SynthSpec:
@@ -525,13 +603,13 @@ INTER_DEFAULT = "pneumoniamnist"
 INTER_MAX_IMAGES = {2: 512, 3: 24}
 
 
-def _inter_source(setting: Any, pool: _HealthyPool, needed: bool) -> list[np.ndarray] | None:
+def _inter_source(setting: Any, pool: _HealthyPool, needed: bool, ds: Any | None) -> list[np.ndarray] | None:
     """External images for the inter-dataset blending task.
 
     ``"auto"``: the normal training images of ``pneumoniamnist`` (chest X-rays; for 3D each is extruded into a
-    volume), or, when the shared data is not available, the contrast-inverted training images (with a warning);
-    ``"inverted"``: always the latter; any other string: a data set name for ``medanomaly.data.load_dataset``
-    (its ``train`` split). Images are rescaled by the task to the target's intensity range.
+    volume), or, when the pipeline could not load it (``ds`` None), the contrast-inverted training images (with a
+    warning); ``"inverted"``: always the latter; any other string: a data set name the pipeline loads (its ``train``
+    split) and passes as ``ds``. Images are rescaled by the task to the target's intensity range.
     """
     if not needed:
         return None
@@ -541,14 +619,11 @@ def _inter_source(setting: Any, pool: _HealthyPool, needed: bool) -> list[np.nda
             raise ValueError("multitask: tasks.inter_source is null but the inter-blend task is used")
         return _inverted(pool)
     name = INTER_DEFAULT if setting == "auto" else str(setting)
-    try:
-        from medanomaly.data import load_dataset
-
-        ds = load_dataset(name, "train", normal_only=True)
-    except Exception as e:  # data folder missing or unreadable
+    if ds is None:
         if setting != "auto":
-            raise ValueError(f"multitask: cannot load tasks.inter_source={setting!r}: {e}") from e
-        warnings.warn(f"multitask: external data set '{name}' unavailable ({e}); inter-blend uses contrast-inverted "
+            raise ValueError(f"multitask: tasks.inter_source={setting!r} names a data set; pass its healthy images as "
+                             "fit(..., inter_source=dataset) (the pipeline does this)")
+        warnings.warn(f"multitask: external data set '{name}' not given; inter-blend uses contrast-inverted "
                       "training images instead", stacklevel=3)
         return _inverted(pool)
     n = min(len(ds), INTER_MAX_IMAGES[dims])
@@ -666,49 +741,3 @@ def _make_val_set(pool: _HealthyPool, indices: np.ndarray, tasks: tuple[int, ...
         masks.append(torch.from_numpy(mask))
         fgs.append(torch.from_numpy(pool.foregrounds[i][None].copy()))
     return {"image": torch.stack(imgs), "label": torch.stack(labels), "mask": torch.stack(masks), "foreground": torch.stack(fgs)}
-
-
-# ====================================================================== finished members on disk
-def _save_member(member_dir: Path, net: MultiTaskUNet, info: dict[str, Any], history: list[dict[str, Any]],
-                 cfg_hash: str) -> None:
-    from safetensors.torch import save as st_save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.export_state().items()}
-    atomic_write_bytes(member_dir / "member.safetensors", st_save(tensors))
-    atomic_write_text(member_dir / "member.json", json.dumps({"config_hash": cfg_hash, "info": info, "history": history}))
-
-
-def _claim_member_dir(member_dir: Path, cfg_hash: str) -> None:
-    """Record the settings a member folder trains with; a folder left by other settings is cleared first
-    (its checkpoint must not be resumed under new settings)."""
-    marker = member_dir / "settings.json"
-    if marker.exists():
-        try:
-            old = json.loads(marker.read_text()).get("config_hash")
-        except json.JSONDecodeError:
-            old = None
-        if old == cfg_hash:
-            return
-        for f in (member_dir / "checkpoints" / "unet.pt", member_dir / "member.json", member_dir / "member.safetensors"):
-            f.unlink(missing_ok=True)
-    elif (member_dir / "checkpoints" / "unet.pt").exists():
-        warnings.warn(f"multitask: {member_dir} holds a checkpoint of unknown settings; starting that member afresh",
-                      stacklevel=3)
-        (member_dir / "checkpoints" / "unet.pt").unlink()
-    atomic_write_text(marker, json.dumps({"config_hash": cfg_hash}))
-
-
-def _load_member(member_dir: Path, cfg_hash: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]] | None:
-    from safetensors.torch import load_file
-
-    meta, weights = member_dir / "member.json", member_dir / "member.safetensors"
-    if not (meta.exists() and weights.exists()):
-        return None
-    try:
-        d = json.loads(meta.read_text())
-    except json.JSONDecodeError:
-        return None
-    if d.get("config_hash") != cfg_hash:
-        warnings.warn(f"multitask: {member_dir} was trained with other settings; training it again", stacklevel=3)
-        return None
-    return load_file(str(weights)), d["info"], d.get("history", [])

@@ -13,9 +13,11 @@ from medanomaly.methods.mim_ood.common import (
     TokenRestorationDetector,
     critic_corruption,
     derive_defaults,
+    derive_schema,
     train_mvtm,
     train_token_classifier,
 )
+from medanomaly.methods.params import Float
 from medanomaly.nets.tokens import MaskBank, TokenTransformer, mim_restore, mvtm_token_nll
 
 __all__ = ["TokenCritic"]
@@ -29,6 +31,8 @@ class TokenCritic(TokenRestorationDetector):
     name: ClassVar[str] = "token-critic"
     defaults: ClassVar[dict[str, Any]] = derive_defaults()
     latent_modules: ClassVar[tuple[str, ...]] = ("critic", "mvtm")
+    #: the fixed threshold is a critic probability
+    parameter_schema: ClassVar[dict[str, Any]] = derive_schema(latent_modules, **{"restoration.threshold.value": Float(0, 1)})
 
     def _build_latent(self) -> dict[str, TokenTransformer]:
         k = int(self.params["tokenizer"]["num_embeddings"])

@@ -1,0 +1,250 @@
+"""``medanomaly benchmark``: train (or reuse) and evaluate several methods on the same split, one comparison table.
+
+Sharing of trained parts (a family's tokenizer or MAE, a multitask ensemble's members) is declared by the methods
+(:meth:`~medanomaly.methods.base.Detector.shared_parts` / ``reuse_parts``); this module only matches the parts
+of the runs asked for. Nothing here names a method family.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medanomaly.app.config import parse_overrides, resolve_config
+from medanomaly.app.datasets import data_name, open_dataset
+from medanomaly.app.errors import Echo, PipelineError, make_echo
+from medanomaly.app.evaluate import evaluate_run
+from medanomaly.app.train import train_run
+
+__all__ = ["parse_benchmark_methods", "parse_benchmark_overrides", "plan_sharing", "run_benchmark"]
+
+
+def parse_benchmark_methods(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``["intensity", "mim-ood-r8=mim-ood"]`` -> ``[(label, method), ...]``; a label names a variant's run."""
+    from medanomaly.methods import get_method_class
+
+    out: list[tuple[str, str]] = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        label, eq, method = item.partition("=")
+        label, method = label.strip(), (method.strip() if eq else label.strip())
+        if not label or not method or "/" in label or label.startswith("."):
+            raise PipelineError(f"--methods: '{item}' is not NAME or LABEL=NAME")
+        get_method_class(method)  # unknown method: fails before any training
+        out.append((label, method))
+    if not out:
+        raise PipelineError("--methods is empty; give a comma-separated list, e.g. intensity,autoencoder")
+    labels = [lab for lab, _ in out]
+    if len(set(labels)) != len(labels):
+        raise PipelineError(f"--methods lists a label twice: {','.join(labels)} (name variants LABEL=METHOD)")
+    return out
+
+
+def parse_benchmark_overrides(items: Sequence[str] | None, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["mim-ood-r8.restoration.R=8"]`` -> ``{"mim-ood-r8": {"restoration.R": 8}}``; the first part is a label."""
+    flat = parse_overrides(items)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        label = next((lab for lab in sorted(labels, key=len, reverse=True) if key.startswith(lab + ".")), None)
+        if label is None:
+            raise PipelineError(f"--set {key}: must start with one of the labels in --methods ({', '.join(labels)}), "
+                                "e.g. --set mim-ood.restoration.R=8")
+        out.setdefault(label, {})[key[len(label) + 1:]] = value
+    return out
+
+
+def _canon(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, default=str)
+
+
+def plan_sharing(
+    entries: Sequence[tuple[str, str]], params: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]],
+    runs_dir: Path,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Which runs start from another run's trained parts, as the papers' comparisons share them.
+
+    Each method declares the parts it trains and what determines each (``shared_parts(params)``). A run reuses
+    parts from the one earlier-ranked run (rank: the method's ``share_priority``, then the order listed) that
+    provides the most of its parts with equal settings; ``reuse_parts`` turns that into parameter overrides. A run
+    whose own overrides already set those parameters is left alone. Returns (extra overrides per label, a note per
+    label for the comparison table).
+    """
+    from medanomaly.methods import get_method_class
+
+    rank = {lab: (get_method_class(m).share_priority, i) for i, (lab, m) in enumerate(entries)}
+    parts = {lab: {k: _canon(v) for k, v in get_method_class(m).shared_parts(params[lab]).items()} for lab, m in entries}
+    extra: dict[str, dict[str, Any]] = {}
+    notes: dict[str, str] = {}
+    for lab, m in entries:
+        mine = parts[lab]
+        if not mine:
+            continue
+        cls = get_method_class(m)
+        keys = {k.split(".")[0] for k in cls.reuse_parts(sorted(mine), "x")}
+        if any(k.split(".")[0] in keys for k in overrides.get(lab) or {}):
+            continue
+        best, best_parts, differ = None, [], None
+        for src, _ in sorted(entries, key=lambda e: rank[e[0]]):
+            if rank[src] >= rank[lab]:
+                break
+            same = [p for p, key in mine.items() if parts[src].get(p) == key]
+            if len(same) > len(best_parts):
+                best, best_parts = src, same
+            if differ is None and any(p in parts[src] and parts[src][p] != key for p, key in mine.items()):
+                differ = src
+        if best is None:
+            if differ is not None:
+                notes[lab] = f"own {', '.join(p.split('.')[-1] for p in mine)} (settings differ from {differ})"
+            continue
+        extra[lab] = cls.reuse_parts(best_parts, str(runs_dir / best))
+        notes[lab] = f"{', '.join(p.split('.')[-1] for p in best_parts)} from {best}"
+    return extra, notes
+
+
+def _training_order(entries: list[tuple[str, str]], extra: dict[str, dict[str, Any]], runs_dir: Path) -> list[tuple[str, str]]:
+    """Sources before the runs that reuse them (a topological order; entries keep their listed order otherwise)."""
+    deps = {lab: {Path(str(v)).name for v in ov.values() if isinstance(v, str) and Path(str(v)).parent == runs_dir}
+            for lab, ov in extra.items()}
+    done: list[tuple[str, str]] = []
+    left = list(entries)
+    while left:
+        for e in left:
+            if deps.get(e[0], set()) <= {d[0] for d in done}:
+                done.append(e)
+                left.remove(e)
+                break
+        else:  # pragma: no cover - plan_sharing only reuses earlier-ranked runs, so there is no cycle
+            raise PipelineError(f"circular sharing between {[e[0] for e in left]}")
+    return done
+
+
+def run_benchmark(
+    methods: Sequence[str],
+    data: Any,
+    out: str | Path,
+    *,
+    config_set: str | None = "cpu-small",
+    overrides: dict[str, dict[str, Any]] | None = None,
+    split: str = "test",
+    train_split: str = "train",
+    train_data: Any = None,
+    seed: int | None = None,
+    size: Any = None,
+    batch_size: int = 16,
+    share: bool = True,
+    resume: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    echo: Echo | None = None,
+) -> list[dict[str, Any]]:
+    """Train (or reuse finished runs under ``out/runs/<label>``) and evaluate each method on the same split.
+
+    ``methods``: names or ``LABEL=METHOD`` variants (``mim-ood-r8=mim-ood``); ``overrides``: parameters per label.
+    ``train_data``: train on other data than ``data`` (e.g. healthy IXI, test on BraTS); default: ``data``.
+    ``share``: runs start from the trained parts of others where the methods declare them shareable (see
+    :func:`plan_sharing`); those parts are trained first. A finished run is reused only when it was trained with the
+    same method, parameters, config set and overrides on the same training images (content fingerprint);
+    ``resume`` continues unfinished runs; ``force`` retrains everything.
+    """
+    from medanomaly.methods import get_method_class
+    from medanomaly.run_folder import RunFolder
+
+    say = make_echo(quiet, echo)
+    entries = parse_benchmark_methods(methods)
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    unknown = sorted(set(overrides) - {lab for lab, _ in entries})
+    if unknown:
+        raise PipelineError(f"overrides for {unknown}, which --methods does not list")
+    params: dict[str, dict[str, Any]] = {}
+    for lab, m in entries:  # fail before any training on a typo or a bad value
+        cls = get_method_class(m)
+        if config_set and config_set not in cls.config_sets():
+            avail = ", ".join(cls.config_sets()) or "(none)"
+            raise PipelineError(f"method '{m}' has no config set '{config_set}'; available: {avail}")
+        try:
+            ov = dict(overrides.get(lab) or {})
+            if seed is not None:
+                ov["seed"] = int(seed)
+            params[lab] = resolve_config(m, config_set=config_set, overrides=ov)[0]
+        except (KeyError, ValueError) as e:
+            raise PipelineError(f"--set for '{lab}': {e.args[0] if e.args else e}") from e
+    out = Path(out)
+    train_data = data if train_data is None else train_data
+    extra, notes = plan_sharing(entries, params, overrides, out / "runs") if share else ({}, {})
+    fingerprints: dict[str, str] = {}
+
+    def fingerprint() -> str:
+        from medanomaly.data.fingerprint import dataset_fingerprint
+
+        key = _canon(size)
+        if key not in fingerprints:
+            fingerprints[key] = dataset_fingerprint(open_dataset(train_data, train_split, normal_only=True, size=size))
+        return fingerprints[key]
+
+    results: dict[str, dict[str, Any]] = {}
+    for lab, m in _training_order(list(entries), extra, out / "runs"):
+        run_dir = out / "runs" / lab
+        folder = RunFolder(run_dir)
+        ov = {**overrides.get(lab, {}), **extra.get(lab, {})}
+        reused = False
+        if folder.is_finished and not force:
+            cfg = folder.read_config()
+            same = (
+                cfg.get("method") == m
+                and (cfg.get("train") or {}).get("config_set") == config_set
+                and (cfg.get("data") or {}).get("name") == data_name(train_data)
+                and (cfg.get("train") or {}).get("overrides", {}) == json.loads(json.dumps(ov, default=str))
+                and (seed is None or (cfg.get("train") or {}).get("seed") == seed)
+                and (size is None or (cfg.get("data") or {}).get("size") == size)
+            )
+            if not same:
+                raise PipelineError(f"{run_dir} holds a run trained with other settings (method/data/config set/overrides/"
+                                    "seed); use --force to retrain")
+            if (cfg.get("data") or {}).get("fingerprint") != fingerprint():
+                raise PipelineError(f"{run_dir} was trained on other images than {data_name(train_data)} "
+                                    f"({train_split}) holds now; use --force to retrain")
+            reused = True
+            say(f"[{lab}] reusing the finished run in {run_dir}")
+        else:
+            say(f"[{lab}] training {m}" + (f" ({notes[lab]})" if lab in notes else "") + " ...")
+            train_run(m, train_data, run_dir, split=train_split, config_set=config_set, overrides=ov or None,
+                      seed=seed, size=size, resume=resume, force=force, quiet=quiet, echo=echo,
+                      eval_data=data, eval_split=split)
+        say(f"[{lab}] evaluating on '{split}' ...")
+        metrics = evaluate_run(run_dir, data, out / "eval" / lab, split=split, batch_size=batch_size, force=True,
+                               quiet=quiet, echo=echo)
+        results[lab] = {
+            "method": lab,
+            "base_method": m,
+            "config_set": config_set,
+            "pixel_ap": metrics["pixel_ap"],
+            "pixel_auroc": metrics["pixel_auroc"],
+            "best_dice": metrics["best_dice"],
+            "sample_ap": metrics["sample_ap"],
+            "sample_auroc": metrics["sample_auroc"],
+            "train_seconds": metrics.get("train_seconds"),
+            "seconds_per_image": metrics["seconds_per_image"],
+            "seconds_per_batch": metrics["seconds_per_batch"],
+            "device": metrics["device"],
+            "n_test": metrics["n_images"],
+            "reused_run": reused,
+            "shares": notes.get(lab, ""),
+            "settings": json.dumps(overrides.get(lab) or {}, sort_keys=True, default=str) if overrides.get(lab) else "",
+            "report": str(Path("eval") / lab / "report.html"),
+        }
+    rows = [results[lab] for lab, _ in entries]
+    from medanomaly.evaluation.table import write_comparison_table
+    from medanomaly.methods.base import library_versions
+    from medanomaly.training.atomic import atomic_write_text
+
+    write_comparison_table(rows, out)
+    record = {"data": data_name(data), "train_data": data_name(train_data), "split": split, "config_set": config_set,
+              "batch_size": batch_size, "methods": {lab: m for lab, m in entries}, "rows": rows,
+              "versions": library_versions()}
+    atomic_write_text(out / "benchmark.json", json.dumps(record, indent=1, default=str))
+    say(f"comparison table: {out / 'comparison.md'}")
+    return rows

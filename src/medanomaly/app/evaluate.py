@@ -1,0 +1,258 @@
+"""``medanomaly evaluate``: predict a whole split, compute the one evaluation protocol, write metrics and a report.
+
+Pixel metrics are over the foreground pixels of the images whose lesion mask is known; sample metrics over the
+images with a known label. A metric that cannot be computed is ``NaN`` with a ``<metric>_undefined`` entry saying
+why (never a bare null).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medanomaly.app.datasets import data_name, describe_dataset, open_dataset
+from medanomaly.app.errors import Echo, PipelineError, make_echo
+from medanomaly.app.predict import iter_predictions, load_run
+
+__all__ = ["describe_device", "evaluate_run"]
+
+_PIXEL_KEYS = ("pixel_ap", "pixel_auroc", "best_dice", "best_threshold")
+_SAMPLE_KEYS = ("sample_ap", "sample_auroc")
+
+
+def describe_device(det: Any = None) -> str:
+    """The device predictions run on, in words (with the thread count on CPU)."""
+    import torch
+
+    from medanomaly.training import get_device
+
+    dev = getattr(det, "device", None)
+    if dev is None and isinstance(getattr(det, "params", None), dict):
+        dev = det.params.get("device")
+    d = get_device(str(dev) if dev is not None else None)
+    if d.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(d)})"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'})"
+
+
+def _num(x: Any) -> Any:
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _check_data_matches_run(desc: dict[str, Any], run_data: dict[str, Any] | None, what: str) -> None:
+    if not run_data:
+        return
+    want = run_data.get("image_shape")
+    if want is not None and list(desc["image_shape"]) != list(want):
+        raise PipelineError(
+            f"{what} gives images of shape {tuple(desc['image_shape'])}, the run was trained on {tuple(want)} "
+            f"(preset {run_data.get('preset')}, size {run_data.get('size')})"
+        )
+    if run_data.get("channels") is not None and desc["channels"] != run_data["channels"]:
+        raise PipelineError(f"{what} has {desc['channels']} channel(s), the run was trained on {run_data['channels']}")
+
+
+def _undefined(metrics: dict[str, Any], keys: tuple[str, ...], reason: str) -> None:
+    for k in keys:
+        if not isinstance(metrics.get(k), int | float) or not math.isfinite(metrics[k]):
+            metrics[k] = float("nan")
+            metrics[f"{k}_undefined"] = reason
+    warnings.warn(f"{', '.join(keys)} undefined: {reason}", stacklevel=3)
+
+
+def evaluate_run(
+    run: str | Path,
+    data: Any = None,
+    out: str | Path | None = None,
+    *,
+    split: str = "test",
+    batch_size: int = 16,
+    force: bool = False,
+    quiet: bool = False,
+    echo: Echo | None = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Predict a whole split of ``data`` (default: the run's own data) and write ``metrics.json`` + ``report.html``.
+
+    ``seconds_per_image`` times ``predict`` only (no data loading).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from medanomaly.data.dataset import collate_samples
+    from medanomaly.evaluation.metrics import pixel_metrics, sample_metrics
+    from medanomaly.run_folder import RunFolder
+
+    say = make_echo(quiet, echo)
+    det, cfg = load_run(run)
+    run_data = cfg.get("data") or {}
+    if data is None:
+        if not run_data.get("name"):
+            raise PipelineError(f"{run} does not record its data; pass --data")
+        data = run_data["name"]
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and (out_dir / "metrics.json").exists() and not force:
+        raise PipelineError(f"{out_dir / 'metrics.json'} already exists; use --force to overwrite or choose another --out")
+    if batch_size < 1:
+        raise PipelineError(f"batch size must be >= 1, got {batch_size}")
+
+    ds = open_dataset(data, split, preset=run_data.get("preset"), size=run_data.get("size"),
+                      preset_config=run_data.get("preset_config"))
+    desc = describe_dataset(ds)
+    _check_data_matches_run(desc, run_data, f"{data_name(data)} ({split})")
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_samples, num_workers=0)
+
+    scores, masks, fgs, images = [], [], [], []
+    img_scores, labels, has_mask, case_ids, slice_idx = [], [], [], [], []
+    # the method's healthy-looking images (AnomalyResult.extras["restoration"]), for the report only
+    restorations: list[np.ndarray] | None = [] if report and out is not None else None
+    rest_bytes, rest_note = 0, ""
+    predict_seconds, n_batches = 0.0, 0
+    t_wall = time.perf_counter()
+    with tqdm(total=len(ds), desc=f"evaluate {cfg['method']}", disable=quiet, dynamic_ncols=True, leave=False) as bar:
+        for batch, res, secs in iter_predictions(det, loader):
+            predict_seconds += secs
+            n_batches += 1
+            ps = res.pixel_scores.detach().float().cpu()
+            scores.append(ps.numpy().astype(np.float32))
+            if restorations is not None:
+                r = res.extras.get("restoration")
+                r = r.detach().float().cpu() if isinstance(r, torch.Tensor) else None
+                if r is not None and r.ndim == ps.ndim + 1:
+                    r = r[:, 0]  # (B, C, *S) -> channel 0
+                if r is None:  # a method without one (intensity, multitask): nothing to note
+                    restorations = None
+                elif tuple(r.shape) != tuple(ps.shape):
+                    rest_note = f"extras['restoration'] has shape {tuple(r.shape)}, not the maps' {tuple(ps.shape)}"
+                    restorations = None
+                elif rest_bytes + r.numel() * 4 > 1 << 30:
+                    rest_note = "restorations not kept: over 1 GB for this split"
+                    restorations = None
+                else:
+                    restorations.append(r.numpy().astype(np.float32))
+                    rest_bytes += r.numel() * 4
+            masks.append(batch["mask"][:, 0].numpy())
+            fgs.append(batch["foreground"][:, 0].numpy())
+            images.append(batch["image"].numpy().astype(np.float32))
+            img_scores.append(res.image_scores.detach().float().cpu().numpy())
+            labels.append(batch["label"].numpy())
+            has_mask.append(batch["has_mask"].numpy())
+            case_ids += list(batch["case_id"])
+            slice_idx += batch["slice_index"].tolist()
+            bar.update(len(batch["case_id"]))
+    wall = time.perf_counter() - t_wall
+    S, M, F = np.concatenate(scores), np.concatenate(masks), np.concatenate(fgs)
+    IS, L, HM = np.concatenate(img_scores), np.concatenate(labels), np.concatenate(has_mask)
+    n = len(IS)
+
+    metrics: dict[str, Any] = {
+        "method": cfg["method"],
+        "run": str(Path(run)),
+        "data": data_name(data),
+        "split": split,
+        "preset": run_data.get("preset"),
+        "preset_config": run_data.get("preset_config"),
+        "n_images": int(n),
+        "n_with_mask": int(HM.sum()),
+        "n_abnormal": int((L == 1).sum()),
+        "n_normal": int((L == 0).sum()),
+    }
+    if HM.any():
+        sel = HM.astype(bool)
+        pm = pixel_metrics(S[sel], M[sel], foreground=F[sel], case_ids=[c for c, k in zip(case_ids, sel, strict=True) if k])
+        metrics.update(pixel_ap=_num(pm.get("ap")), pixel_auroc=_num(pm.get("auroc")), best_dice=_num(pm.get("best_dice")),
+                       best_threshold=_num(pm.get("best_threshold")))
+        for k, v in pm.items():
+            if k not in ("ap", "auroc", "best_dice", "best_threshold") and isinstance(v, int | float | np.number):
+                metrics[f"pixel_{k}"] = _num(v)
+        if not all(isinstance(metrics[k], int | float) and math.isfinite(metrics[k]) for k in _PIXEL_KEYS[:3]):
+            _undefined(metrics, _PIXEL_KEYS, "no lesion voxel in the foreground of the images with a mask"
+                       if not (M[sel] & F[sel]).any() else "the metric is undefined for these maps")
+    else:
+        _undefined(metrics, _PIXEL_KEYS, "no image of this split has a lesion mask")
+    known = L >= 0
+    classes = set(L[known].tolist())
+    if known.any() and len(classes) == 2:
+        sm = sample_metrics(IS[known], L[known])
+        metrics["sample_ap"], metrics["sample_auroc"] = _num(sm.get("ap")), _num(sm.get("auroc"))
+    elif not known.any():
+        _undefined(metrics, _SAMPLE_KEYS, "no image labels")
+    else:
+        only = "abnormal" if classes == {1} else "normal"
+        _undefined(metrics, _SAMPLE_KEYS, f"all labelled images are {only}: sample AP/AUROC need both classes")
+    metrics.update(
+        {
+            "seconds_per_image": predict_seconds / max(n, 1),
+            "seconds_per_batch": predict_seconds / max(n_batches, 1),
+            "batch_size": batch_size,
+            "predict_seconds": predict_seconds,
+            "wall_seconds": wall,
+            "device": describe_device(det),
+            "train_seconds": (cfg.get("train") or {}).get("seconds"),
+            "pixel_metrics_over": "foreground pixels of images with a known mask",
+        }
+    )
+    if out_dir is not None:
+        from medanomaly.training.atomic import atomic_write_text
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        per_image = [
+            {"case_id": c, "slice_index": s, "label": int(lab), "image_score": float(v)}
+            for c, s, lab, v in zip(case_ids, slice_idx, L, IS, strict=True)
+        ]
+        atomic_write_text(out_dir / "image_scores.json", json.dumps(per_image))
+        if report:
+            settings = {
+                "method": cfg["method"],
+                "params": json.dumps(cfg.get("params", {}), sort_keys=True),
+                "run": str(Path(run).resolve()),
+                "data": metrics["data"],
+                "split": split,
+                "preset": json.dumps(run_data.get("preset_config") or run_data.get("preset")),
+                "trained_on": f"{run_data.get('name')} / {run_data.get('split')} ({run_data.get('n_train')} healthy images)",
+                "seed": (cfg.get("train") or {}).get("seed"),
+                "batch_size": batch_size,
+            }
+            if rest_note:
+                settings["restorations"] = f"not shown: {rest_note}"
+            train_log = RunFolder(run).read_train_log() or None
+            path = _write_report(out_dir, metrics, settings, images=np.concatenate(images), scores=S, masks=M,
+                                 foreground=F, image_scores=IS, labels=L, has_mask=HM, case_ids=case_ids,
+                                 restorations=np.concatenate(restorations) if restorations else None, train_log=train_log)
+            metrics["report"] = str(path)
+            atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        say(f"metrics: {out_dir / 'metrics.json'}" + (f"\nreport:  {metrics['report']}" if metrics.get("report") else ""))
+    return metrics
+
+
+def _write_report(out_dir: Path, metrics: dict[str, Any], settings: dict[str, Any], **arrays: Any) -> Path:
+    """The HTML page (metric table, PR/ROC curves, best/median/worst cases with restorations, healthy images,
+    training curves). Without any lesion mask the maps still go in (healthy grid)."""
+    from medanomaly.evaluation.html import write_report
+
+    has_mask = arrays.pop("has_mask")
+    sel = has_mask.astype(bool)
+    rest = arrays.get("restorations")
+    kw: dict[str, Any] = {"sample_scores": arrays["image_scores"], "sample_labels": arrays["labels"],
+                          "train_log": arrays.get("train_log")}
+    if sel.any():
+        kw.update(scores=arrays["scores"][sel], masks=arrays["masks"][sel], images=arrays["images"][sel],
+                  foreground=arrays["foreground"][sel], case_ids=[c for c, k in zip(arrays["case_ids"], sel, strict=True) if k],
+                  restorations=rest[sel] if rest is not None else None)
+    else:
+        kw.update(scores=arrays["scores"], images=arrays["images"], foreground=arrays["foreground"],
+                  case_ids=list(arrays["case_ids"]), restorations=rest)
+    title = f"medanomaly: {metrics.get('method')} on {metrics.get('data')} ({metrics.get('split')})"
+    return Path(write_report(out_dir, metrics, title=title, settings=settings, **kw))

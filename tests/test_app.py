@@ -1,0 +1,83 @@
+"""The application layer behind the CLI (medanomaly.app), on in-memory toy data (no files, fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medanomaly.app.config import parse_overrides, resolve_config
+from medanomaly.app.demo import run_demo
+from medanomaly.app.errors import DataNotFoundError, PipelineError
+from medanomaly.app.evaluate import evaluate_run
+from medanomaly.app.predict import predict_files
+from medanomaly.app.train import train_run
+from medanomaly.data import make_toy_dataset
+from medanomaly.data.roots import find_data_root
+from medanomaly.run_folder import RunFolder
+
+torch.set_num_threads(1)
+
+
+def test_parse_overrides_yaml_scalars() -> None:
+    got = parse_overrides(["a=3", "b=0.5", "c=true", "d=[1, 2]", "e=foo", "f.g=null", "h="])
+    assert got == {"a": 3, "b": 0.5, "c": True, "d": [1, 2], "e": "foo", "f.g": None, "h": ""}
+    with pytest.raises(PipelineError, match="key=value"):
+        parse_overrides(["novalue"])
+    with pytest.raises(PipelineError, match="empty key"):
+        parse_overrides(["=3"])
+
+
+def test_resolve_config_precedence_and_data_section(tmp_path: Path) -> None:
+    # defaults < config set < file < --set; a "data" section and data.* overrides become data options
+    params, data = resolve_config("intensity", config_set="cpu-small")
+    assert params["image_score"] == {"reduce": "topk", "fraction": 0.01} and data == {}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"methods": {"intensity": {"sign": -1, "data": {"size": 48}}, "autoencoder": {"batch_size": 2}}}))
+    params, data = resolve_config("intensity", config_set="cpu-small", config_file=f,
+                                           overrides={"image_score.fraction": 0.2, "data.size": 40})
+    assert params["sign"] == -1 and params["image_score"]["fraction"] == 0.2 and data == {"size": 40}
+    # a run's own config.yaml works as a config file; another method's is refused
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(yaml.safe_dump({"method": "autoencoder", "params": {"batch_size": 2}}))
+    with pytest.raises(PipelineError, match="autoencoder"):
+        resolve_config("intensity", config_file=run_cfg)
+    with pytest.raises(KeyError, match="nope"):
+        resolve_config("intensity", overrides={"nope": 1})
+    with pytest.raises(PipelineError, match="unknown data option"):
+        resolve_config("intensity", overrides={"data.colour": 1})
+
+
+def test_train_and_evaluate_in_memory(tmp_path: Path) -> None:
+    train = make_toy_dataset(8, 24, seed=0)
+    test = make_toy_dataset(8, 24, abnormal_fraction=0.5, seed=1)
+    s = train_run("intensity", train, tmp_path / "run", val_split=None, seed=5, quiet=True)
+    assert s.n_train == 8 and RunFolder(tmp_path / "run").is_finished
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["train"]["seed"] == 5 and cfg["params"]["seed"] == 5
+    m = evaluate_run(tmp_path / "run", test, tmp_path / "ev", quiet=True)
+    assert m["n_images"] == 8 and m["pixel_auroc"] > 0.8 and m["sample_auroc"] is not None
+    on_disk = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert on_disk["pixel_ap"] == pytest.approx(m["pixel_ap"])
+    assert (tmp_path / "ev" / "report.html").is_file()
+    # other image size than the run was trained on: a clear error
+    with pytest.raises(PipelineError, match="shape"):
+        evaluate_run(tmp_path / "run", make_toy_dataset(4, 16, seed=2), None, quiet=True)
+    # predicting files needs the preset a file-trained run records
+    with pytest.raises(PipelineError, match="preset"):
+        predict_files(tmp_path / "run", [tmp_path / "x.png"], tmp_path / "p", quiet=True)
+
+
+def test_find_data_root_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDANOMALY_DATA", str(tmp_path))
+    root, looked = find_data_root(require="brain_lgg_flair_2d")
+    assert root is None and str(tmp_path) in looked[0]
+    (tmp_path / "brain_lgg_flair_2d").mkdir()
+    root, _ = find_data_root(require="brain_lgg_flair_2d")
+    assert root == tmp_path
+    with pytest.raises(DataNotFoundError, match="MEDANOMALY_DATA"):
+        monkeypatch.setenv("MEDANOMALY_DATA", str(tmp_path / "missing"))
+        run_demo(tmp_path / "demo", quiet=True)
