@@ -55,7 +55,7 @@ def test_fingerprint_of_items_dtype_and_views() -> None:
 
 
 def test_multitask_pool_fingerprint_equals_dataset_fingerprint() -> None:
-    from medanomaly.methods.multitask.detector import _HealthyPool
+    from medanomaly.methods.multitask.pool import HealthyPool
 
     ds = make_toy_dataset(6, 16, seed=1)
-    assert _HealthyPool.from_dataset(HealthyView(ds)).fingerprint == dataset_fingerprint(ds)
+    assert HealthyPool.from_dataset(HealthyView(ds)).fingerprint == dataset_fingerprint(ds)

@@ -177,9 +177,9 @@ def fitted(tmp_path_factory):
 def test_fit_predict_members_and_validation_state(fitted):
     det, ds, work = fitted
     assert len(det.models) == 2
-    from medanomaly.methods.multitask.detector import _HealthyPool
+    from medanomaly.methods.multitask.pool import HealthyPool
 
-    assert det.label_sigma_effective == pytest.approx(0.2 * _HealthyPool.from_dataset(ds).foreground_std())
+    assert det.label_sigma_effective == pytest.approx(0.2 * HealthyPool.from_dataset(ds).foreground_std())
     table = det.validation_table()
     assert [m["name"] for m in table] == [c.name for c in det.combinations()]
     for m in table:
@@ -235,14 +235,16 @@ def test_refit_reuses_finished_members_and_retrains_on_new_settings(fitted):
 
 
 def test_batches_do_not_depend_on_workers():
-    from medanomaly.methods.multitask import detector as d
+    from medanomaly.methods.multitask.detector import TASK_NAMES
+    from medanomaly.methods.multitask.pool import HealthyPool, inverted_images
+    from medanomaly.methods.multitask.synthesis import BatchFeeder, SynthSpec, SynthStream
 
     ds = make_toy_dataset(10, 16, 2, seed=2)
-    pool = d._HealthyPool.from_dataset(ds)
-    spec = d._SynthSpec(d.TASK_NAMES, {}, 0.2, d._inverted(pool))
-    stream = d._SynthStream(pool, np.arange(10), (0, 1, 2, 3, 4), spec, seed=0, member=1, batch_size=3, flip_prob=0.5)
+    pool = HealthyPool.from_dataset(ds)
+    spec = SynthSpec(TASK_NAMES, {}, 0.2, inverted_images(pool))
+    stream = SynthStream(pool, np.arange(10), (0, 1, 2, 3, 4), spec, seed=0, member=1, batch_size=3, flip_prob=0.5)
     direct = [stream.batch(s) for s in (0, 1, 2)]
-    feeder = d._BatchFeeder(stream, num_workers=2, steps=3)
+    feeder = BatchFeeder(stream, num_workers=2, steps=3)
     try:
         fed = [feeder(s) for s in (0, 1, 2)]
         resumed = feeder(1)  # an out-of-order step restarts the loader there
@@ -274,18 +276,18 @@ def test_fit_3d_and_bad_input():
 
 
 def test_inter_source_fallback_and_real_data():
-    from medanomaly.methods.multitask import detector as d
+    from medanomaly.methods.multitask.pool import INTER_MAX_IMAGES, HealthyPool, inter_source_images
 
-    pool2 = d._HealthyPool.from_dataset(make_toy_dataset(6, 16, 2, seed=0))
-    inv = d._inter_source("inverted", pool2, True, None)
+    pool2 = HealthyPool.from_dataset(make_toy_dataset(6, 16, 2, seed=0))
+    inv = inter_source_images("inverted", pool2, True, None)
     assert len(inv) == 6 and np.allclose(inv[0], pool2.images[0].max() + pool2.images[0].min() - pool2.images[0])
-    assert d._inter_source(None, pool2, False, None) is None
+    assert inter_source_images(None, pool2, False, None) is None
     with pytest.raises(ValueError, match="inter_source is null"):
-        d._inter_source(None, pool2, True, None)
+        inter_source_images(None, pool2, True, None)
     with pytest.warns(UserWarning, match="contrast-inverted"):  # 'auto' without the data set given
-        assert len(d._inter_source("auto", pool2, True, None)) == 6
+        assert len(inter_source_images("auto", pool2, True, None)) == 6
     with pytest.raises(ValueError, match="pass its healthy images"):  # a named data set must be passed in
-        d._inter_source("pneumoniamnist", pool2, True, None)
+        inter_source_images("pneumoniamnist", pool2, True, None)
     # the method asks the pipeline for the data set instead of loading it itself
     params = MultiTaskDetector(**{"tasks.inter_source": "auto"}).get_params()
     assert MultiTaskDetector.data_sources(params) == {
@@ -296,8 +298,8 @@ def test_inter_source_fallback_and_real_data():
     if data_root(required=False) is None:
         pytest.skip("shared data not available")
     cxr = load_dataset("pneumoniamnist", "train", normal_only=True)
-    real = d._inter_source("auto", pool2, True, cxr)  # chest X-rays for brain slices
-    assert len(real) == d.INTER_MAX_IMAGES[2] and real[0].ndim == 3 and real[0].shape[0] == 1
-    pool3 = d._HealthyPool.from_dataset(make_toy_dataset(3, 16, 3, seed=0))
-    vols = d._inter_source("auto", pool3, True, cxr)  # extruded into volumes
-    assert len(vols) == d.INTER_MAX_IMAGES[3] and vols[0].ndim == 4 and vols[0].shape[1] == vols[0].shape[-1]
+    real = inter_source_images("auto", pool2, True, cxr)  # chest X-rays for brain slices
+    assert len(real) == INTER_MAX_IMAGES[2] and real[0].ndim == 3 and real[0].shape[0] == 1
+    pool3 = HealthyPool.from_dataset(make_toy_dataset(3, 16, 3, seed=0))
+    vols = inter_source_images("auto", pool3, True, cxr)  # extruded into volumes
+    assert len(vols) == INTER_MAX_IMAGES[3] and vols[0].ndim == 4 and vols[0].shape[1] == vols[0].shape[-1]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +31,28 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+_OS_HINTS: dict[type[OSError], str] = {
+    FileExistsError: "already exists (a file where a folder is needed?); choose another path or remove it",
+    PermissionError: "permission denied; choose a place you can write to or fix its permissions",
+    NotADirectoryError: "a part of this path is a file, not a folder",
+    IsADirectoryError: "is a folder where a file is expected",
+    FileNotFoundError: "no such file or folder",
+}
+
+
+def _os_message(e: OSError) -> str | None:
+    """``<file>: <cause>`` for an OSError that carries its file name (None when it carries none)."""
+    if e.filename is None:
+        return None
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    hint = next((h for t, h in _OS_HINTS.items() if isinstance(e, t)), None)
+    return f"{where}: {hint or (e.strerror or str(e))} ({type(e).__name__})"
+
+
 def _message(e: BaseException) -> str:
+    """The one-line text of an error: our own errors as they are, OSErrors as ``<file>: <cause>``."""
+    if isinstance(e, OSError) and (named := _os_message(e)) is not None:
+        return named
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     msg = str(msg).strip().replace("\n", " ")
     # our own errors (all ValueError subclasses: PipelineError, RunFolderError, DataError, ParameterError ...)
@@ -38,11 +60,28 @@ def _message(e: BaseException) -> str:
     return msg if isinstance(e, ValueError | KeyError | FileNotFoundError) else f"{type(e).__name__}: {msg}"
 
 
+def _one_line_warnings() -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints each distinct warning once, as one line ``warning: ...``."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        text = str(message).strip().replace("\n", " ")
+        if text not in seen:
+            seen.add(text)
+            typer.echo(f"warning: {text}", err=True)
+
+    return show
+
+
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """Turn any failure into one line on stderr and a non-zero exit code (traceback with MEDANOMALY_DEBUG=1)."""
+    """Turn any failure into one line on stderr and a non-zero exit code (traceback with MEDANOMALY_DEBUG=1);
+    warnings (a run written by other versions, a skipped log line) print once each as ``warning: ...``."""
     try:
-        yield
+        with warnings.catch_warnings():
+            if not os.environ.get("MEDANOMALY_DEBUG"):
+                warnings.showwarning = _one_line_warnings()
+            yield
     except typer.Exit:
         raise
     except KeyboardInterrupt as e:
@@ -109,6 +148,9 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder written by `medanomaly train`.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images or volumes: NIfTI, DICOM (file or folder), PNG.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the maps and overlays.")],
+    allow_irregular_spacing: Annotated[bool, typer.Option(
+        "--allow-irregular-spacing", help="Resample a DICOM series with uneven slice steps onto its median step "
+        "instead of refusing it.")] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -126,7 +168,7 @@ def predict(
     from medanomaly.app.predict import predict_files
 
     with _errors():
-        written = predict_files(run, inputs, out, force=force, quiet=quiet)
+        written = predict_files(run, inputs, out, force=force, quiet=quiet, allow_irregular_spacing=allow_irregular_spacing)
         typer.echo(f"wrote {len(written)} map(s) to {out}")
 
 

@@ -99,10 +99,10 @@ def _run_preset(cfg: dict[str, Any], run: str | Path) -> Any:
         raise PipelineError(f"{run}: its recorded preset does not load ({e})") from e
 
 
-def _read(path: Path, preset: Any) -> Any:
+def _read(path: Path, preset: Any, allow_irregular_spacing: bool = False) -> Any:
     from medanomaly.data.io import read_image
 
-    ld = read_image(path)
+    ld = read_image(path, allow_irregular_spacing=allow_irregular_spacing)
     arr = ld.array
     while arr.ndim > 2 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -127,6 +127,7 @@ def predict_files(
     force: bool = False,
     quiet: bool = False,
     echo: Echo | None = None,
+    allow_irregular_spacing: bool = False,
 ) -> list[Path]:
     """Anomaly maps for image files, written in each input's own geometry.
 
@@ -135,7 +136,8 @@ def predict_files(
     take volumes (NIfTI, DICOM folder); ``cxr`` takes 2D images. Writes ``<name>_anomaly.nii.gz`` for NIfTI/volume
     inputs, ``<name>_anomaly.png`` for 2D inputs (scaled from the map's min..max, recorded in ``scores.csv``),
     ``<name>_overlay.png`` for all, and ``scores.csv`` (image score per input; when an input fails, for the
-    inputs done before it). Returns the map paths.
+    inputs done before it). ``allow_irregular_spacing``: a DICOM series with uneven slice steps is resampled onto
+    its median step (the map is written on that regular grid) instead of refused. Returns the map paths.
     """
     from tqdm.auto import tqdm
 
@@ -176,15 +178,19 @@ def predict_files(
     try:
         for path, stem in tqdm(list(zip(inputs, stems, strict=True)), desc="predict", disable=quiet, dynamic_ncols=True,
                                leave=False, delay=0.5):  # delay: a quick error prints no bar before it
-            ld = _read(path, preset)
+            ld = _read(path, preset, allow_irregular_spacing)
             arr, fmt = ld.array, ld.meta.get("format")
             if preset.spatial_dims == 2 and arr.ndim == 3:  # a volume through a 2D run: axial slices
                 st = preset.apply_volume(ld, where=f"{path}: ")
                 _check_shape(st.images.shape[2:], want_shape, path, preset.name)
-                maps, scores = predict_arrays(det, st.images, st.foreground, batch_size)
-                amap = preset.invert(maps, st.meta)  # the input volume's grid; slices the preset drops get 0
                 keep = np.asarray(st.keep, bool)
-                score = float(scores[keep].max()) if keep.any() else float(scores.max())
+                if not keep.any():
+                    raise PipelineError(f"{path}: no slice of this volume passes the preset's slice filter (preset "
+                                        f"{preset.name}: foreground fraction >= {preset.params.get('min_fg_fraction')})")
+                # only the slices the preset keeps are scored (datasets drop the others from every split)
+                maps, scores = predict_arrays(det, st.images[keep], st.foreground[keep], batch_size)
+                amap = preset.invert(maps, st.meta)  # the input volume's grid; dropped slices get 0
+                score = float(scores.max())
                 target = write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
             else:
                 pre = preset(ld)

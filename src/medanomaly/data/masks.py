@@ -45,7 +45,8 @@ def foreground_mask(
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of a sample (any shape): the bin centre that maximises the between-class variance of a
-    ``bins``-bin histogram. The one Otsu of the package (masks here, anatomy masks elsewhere should call it)."""
+    ``bins``-bin histogram. The one Otsu of the package: the masks here, and (``bins=128``) the anatomy masks of
+    :func:`medanomaly.synth.tasks.anatomy_mask` and :func:`medanomaly.methods.amae.anatomy.lung_mask`."""
     hist, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist).astype(np.float64)

@@ -12,6 +12,10 @@ holds each step beside its inverse. For a volume through ``brain-mri-2d`` as axi
 ``BrainMRI2D.apply_volume`` and ``invert`` (= :func:`~medanomaly.data.geometry.slices_to_volume`): dropped slices
 get 0 (``meta["dropped"]``). ``mode="nearest"`` for masks.
 
+Parameters are checked when a preset is built (wrong types, a ``size`` of 0), and so is the output shape a fixed
+``size`` implies, against the budget of :mod:`medanomaly.data.limits`: ``size=100000`` is refused in the constructor,
+not after allocating. The grid a 3D ``spacing`` implies depends on the input; it is checked before resampling.
+
 Presets
 -------
 ``brain-mri-2d``
@@ -46,6 +50,8 @@ explicit and numpy-only, whereas MONAI's Orientation/Spacing/Resize work on Meta
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -115,6 +121,25 @@ class Preset:
         if unknown:
             raise ValueError(f"preset {self.name!r}: unknown parameters {sorted(unknown)}; known: {sorted(self.defaults)}")
         self.params = {**self.defaults, **params}
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Refuse wrong types up front (a bool where a bool is the default, a finite number where a number is);
+        subclasses add the shapes their sizes imply, checked against the voxel budget before any work."""
+        for key, default in self.defaults.items():
+            v = self.params[key]
+            if key == "size":  # a shape: the subclass checks it
+                continue
+            if isinstance(default, bool):
+                if not isinstance(v, bool | np.bool_):
+                    raise ValueError(f"preset {self.name!r}: {key} = {v!r} is not true or false")
+            elif isinstance(default, int | float) and not _is_number(v):
+                raise ValueError(f"preset {self.name!r}: {key} = {v!r} is not a finite number")
+
+    def _size_2d(self) -> None:
+        """``size`` (the output side) must be a positive whole number and size x size within the pixel budget."""
+        size = _whole(self.params["size"], f"preset {self.name!r}: size")
+        check_voxel_budget((size, size), f"preset {self.name!r} with size={size}", what="its output image")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -137,6 +162,31 @@ class Preset:
         while m.ndim > nd and m.shape[0] == 1:  # a channel (or batch of one) axis
             m = m[0]
         return invert_steps(m, steps, mode)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and math.isfinite(float(v))
+
+
+def _whole(v: Any, what: str, lo: int = 1) -> int:
+    """``v`` as an int >= ``lo`` (an integral float is fine), else a ValueError naming ``what`` and the value."""
+    if not _is_number(v) or float(v) != int(v) or int(v) < lo:
+        raise ValueError(f"{what} = {v!r} is not a whole number >= {lo}")
+    return int(v)
+
+
+def _triple(v: Any, what: str, conv: Any) -> tuple[Any, ...]:
+    """A number or a list of three, each through ``conv(value, what)``."""
+    vals = list(v) if isinstance(v, list | tuple | np.ndarray) else [v] * 3
+    if len(vals) != 3:
+        raise ValueError(f"{what} = {v!r} must be one number or three")
+    return tuple(conv(x, what) for x in vals)
+
+
+def _positive(v: Any, what: str) -> float:
+    if not _is_number(v) or float(v) <= 0:
+        raise ValueError(f"{what} = {v!r} is not a positive number")
+    return float(v)
 
 
 def _check_fg_kind(kind: Any) -> None:
@@ -177,6 +227,11 @@ class BrainMRI2D(Preset):
     defaults = {"size": 160, "clip_percentile": 98.0, "fg_threshold": 0.05, "fill_holes": True, "min_component": 0.1,
                 "min_fg_fraction": 0.10, "zero_background": True, "keep_aspect": True,
                 "foreground": "head", "min_brain_fraction": 0.01}
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        self._size_2d()
+        _check_fg_kind(self.params["foreground"])
 
     def apply_slices(self, slices: np.ndarray, masks: np.ndarray | None = None, *, contiguous: bool = True,
                      where: str = "") -> SliceStack:
@@ -273,6 +328,28 @@ class BrainMRI3D(Preset):
                 "fill_holes": True, "min_component": 0.1, "zero_background": True, "crop_foreground": True, "margin": 2,
                 "multiple": 16, "size": None, "foreground": "head"}
 
+    def _check_params(self) -> None:
+        """Types, and the fixed ``size`` against the voxel budget; the grid a ``spacing`` implies depends on the
+        input and is checked (before resampling) for each volume."""
+        p, w = self.params, f"preset {self.name!r}: "
+        for key in ("clip_percentile", "fg_threshold", "min_component"):
+            if not _is_number(p[key]):
+                raise ValueError(f"{w}{key} = {p[key]!r} is not a finite number")
+        for key in ("fill_holes", "zero_background", "crop_foreground"):
+            if not isinstance(p[key], bool | np.bool_):
+                raise ValueError(f"{w}{key} = {p[key]!r} is not true or false")
+        if p["spacing"] is not None:
+            _triple(p["spacing"], f"{w}spacing", _positive)
+        _whole(p["downsample"], f"{w}downsample")
+        _whole(p["multiple"], f"{w}multiple")
+        _whole(p["margin"], f"{w}margin", lo=0)
+        if p["orientation"] is not None and not isinstance(p["orientation"], str):
+            raise ValueError(f"{w}orientation = {p['orientation']!r} is not a string such as 'RAS'")
+        _check_fg_kind(p["foreground"])
+        if p["size"] is not None:
+            size = _triple(p["size"], f"{w}size", _whole)
+            check_voxel_budget(size, f"preset {self.name!r} with size={list(size)}", what="its output volume")
+
     def __call__(self, image: Loaded | np.ndarray, mask: np.ndarray | Loaded | None = None) -> Preprocessed:
         p = self.params
         ld = _as_loaded(image)
@@ -356,6 +433,10 @@ class ChestXRay(Preset):
     description = "chest X-ray: DICOM window, histogram equalisation, [-1,1], resize to size x size (256)"
     spatial_dims = 2
     defaults = {"size": 256, "window": True, "equalize": True, "keep_aspect": False}
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        self._size_2d()
 
     def __call__(self, image: Loaded | np.ndarray, mask: np.ndarray | None = None) -> Preprocessed:
         """An RGB(A) input (H, W, 3|4) is averaged to grey; its grid (for :meth:`invert`) is (H, W)."""

@@ -1,15 +1,15 @@
 """Anomaly detectors: one contract (:mod:`medanomaly.methods.base`) and one registry.
 
-Importing this package imports every method sub-package so that each registers itself.
+Methods are found by discovery (:mod:`medanomaly.methods.discovery`): each sub-package declares the names it
+registers; a method's module is imported when the method is first asked for, so loading one run imports one method.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from medanomaly.methods.base import (
     AnomalyResult,
     Detector,
+    RunContext,
     RunFolderError,
     get_method,
     get_method_class,
@@ -21,6 +21,7 @@ from medanomaly.methods.base import (
 __all__ = [
     "AnomalyResult",
     "Detector",
+    "RunContext",
     "RunFolderError",
     "get_method",
     "get_method_class",
@@ -28,13 +29,3 @@ __all__ = [
     "load_detector",
     "register",
 ]
-
-# Each entry is a sub-package that registers one or more methods when imported.
-_METHOD_PACKAGES = ("baselines", "mim_ood", "ar_restoration", "token_critic", "multitask", "mae", "amae", "mae_pseudo")
-
-for _pkg in _METHOD_PACKAGES:
-    try:
-        importlib.import_module(f"{__name__}.{_pkg}")
-    except ModuleNotFoundError as _e:  # a method package not written yet
-        if _e.name != f"{__name__}.{_pkg}":
-            raise

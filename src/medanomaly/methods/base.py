@@ -441,19 +441,30 @@ def register(cls: type[Detector]) -> type[Detector]:
     return cls
 
 
-def _ensure_loaded() -> None:
-    import medanomaly.methods  # noqa: F401  (importing the package registers every method)
-
-
 def list_methods() -> list[str]:
-    _ensure_loaded()
-    return sorted(_REGISTRY)
+    """Names of every discoverable method (and of any registered at run time), without importing them."""
+    from medanomaly.methods.discovery import method_index
+
+    return sorted(set(method_index()) | set(_REGISTRY))
 
 
 def get_method_class(name: str) -> type[Detector]:
-    _ensure_loaded()
+    """The detector class registered as ``name``; imports only that method's module."""
+    import importlib
+
+    from medanomaly.methods.discovery import MethodDiscoveryError, method_index
+
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    index = method_index()
+    if name not in index:
+        raise KeyError(f"unknown method '{name}'; available: {', '.join(sorted(set(index) | set(_REGISTRY))) or '(none)'}")
+    try:
+        importlib.import_module(index[name])
+    except Exception as e:  # noqa: BLE001 - a broken method module is named, never silently absent
+        raise MethodDiscoveryError(f"method '{name}': its module {index[name]} failed to import: {type(e).__name__}: {e}") from e
     if name not in _REGISTRY:
-        raise KeyError(f"unknown method '{name}'; available: {', '.join(sorted(_REGISTRY)) or '(none)'}")
+        raise MethodDiscoveryError(f"method '{name}': importing {index[name]} did not register it (missing @register?)")
     return _REGISTRY[name]
 
 

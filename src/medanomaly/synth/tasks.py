@@ -495,7 +495,9 @@ def anatomy_mask(image: Any, kind: str = "brain", foreground: Any = None) -> np.
         m = ndimage.binary_fill_holes(x > 0.05)
     elif kind == "cxr":
         xs = ndimage.gaussian_filter(x, sigma=max(1.0, min(x.shape) / 100))
-        t = _otsu(xs)
+        from medanomaly.data.masks import otsu_threshold  # here: importing medanomaly.synth stays free of data/
+
+        t = otsu_threshold(xs, bins=128)
         dark = xs < t
         lab, n = ndimage.label(dark)
         border = np.unique(np.concatenate([np.ravel(np.take(lab, [0, -1], axis=a)) for a in range(lab.ndim)]))
@@ -515,17 +517,6 @@ def anatomy_mask(image: Any, kind: str = "brain", foreground: Any = None) -> np.
     m = np.zeros(img.shape, dtype=bool)
     m[tuple(slice(s // 4, s - s // 4) for s in img.shape)] = True
     return m
-
-
-def _otsu(x: np.ndarray, bins: int = 128) -> float:
-    hist, edges = np.histogram(x, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(np.argmax(between))])
 
 
 @_register("anatpaste", "AnatPaste: a CutPaste patch kept only inside an unsupervised anatomical mask (lungs / brain).",

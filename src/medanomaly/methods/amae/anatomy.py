@@ -16,17 +16,6 @@ from scipy import ndimage
 __all__ = ["lung_mask", "lung_masks"]
 
 
-def _otsu(x: np.ndarray, bins: int = 128) -> float:
-    hist, edges = np.histogram(x, bins=bins)
-    c = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(hist * c)
-    m0 = s0 / np.maximum(w0, 1)
-    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
-    return float(c[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))])
-
-
 def lung_mask(image: Any, min_area: float = 0.03, max_area: float = 0.6, top_band: float = 0.15) -> np.ndarray:
     """Lungs of a 2D chest radiograph (H, W) or (1, H, W) as a bool (H, W) mask.
 
@@ -41,10 +30,12 @@ def lung_mask(image: Any, min_area: float = 0.03, max_area: float = 0.6, top_ban
         raise ValueError(f"lung_mask: need a 2D image (H, W) or (1, H, W), got shape {np.shape(image)}")
     if not np.isfinite(img).all():
         raise ValueError("lung_mask: image contains NaN or Inf")
+    from medanomaly.data.masks import otsu_threshold  # here: importing the method does not load medanomaly.data
+
     h, w = img.shape
     x = (img - img.min()) / max(float(np.ptp(img)), 1e-8)
     xs = ndimage.gaussian_filter(x, sigma=max(1.0, min(h, w) / 64))
-    lab, n = ndimage.label(xs < _otsu(xs))
+    lab, n = ndimage.label(xs < otsu_threshold(xs, bins=128))
     keep: list[tuple[float, int]] = []
     if n:
         idx = np.arange(1, n + 1)

@@ -5,7 +5,12 @@
   the smoothed reconstruction residual is the anomaly map.
 """
 
-from medanomaly.methods.baselines.autoencoder import AutoencoderDetector
-from medanomaly.methods.baselines.intensity import IntensityDetector
+from medanomaly.methods.discovery import lazy_exports
 
-__all__ = ["AutoencoderDetector", "IntensityDetector"]
+#: the methods this package registers, and the module whose import registers each (see methods/discovery.py)
+METHODS = {"intensity": "medanomaly.methods.baselines.intensity", "autoencoder": "medanomaly.methods.baselines.autoencoder"}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "AutoencoderDetector": "medanomaly.methods.baselines.autoencoder",
+    "IntensityDetector": "medanomaly.methods.baselines.intensity",
+})

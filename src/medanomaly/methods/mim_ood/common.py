@@ -332,8 +332,10 @@ def random_token_corruption(bank: MaskBank, used: torch.Tensor) -> Any:
 
 
 class TokenRestorationDetector(Detector):
-    """Base of the three token-restoration methods. Subclasses set ``latent_modules`` and implement
-    ``_build_latent``, ``_fit_latent``, ``_token_scores`` and ``_restore``."""
+    """Base of the three token-restoration methods: fitting, calibration, the restoration loop of :meth:`_predict`
+    and the state. Subclasses set ``latent_modules`` and implement ``_build_latent``, ``_fit_latent``,
+    ``_token_scores`` and ``_restore`` (``mim-ood`` and ``token-critic`` share theirs:
+    :class:`medanomaly.methods.mim_ood.restoration.MVTMRestorationDetector`)."""
 
     spatial_dims_supported: ClassVar[tuple[int, ...]] = (2, 3)
     defaults: ClassVar[dict[str, Any]] = COMMON_DEFAULTS

@@ -1,5 +1,6 @@
 """MIM-OOD (Naval Marimont et al.): an Anomalous Token Detector picks tokens, a masked visual token model
-(MVTM) re-samples them; T iterations, R restorations in one batch. See :mod:`.common` for the shared pipeline."""
+(MVTM) re-samples them; T iterations, R restorations in one batch. See :mod:`.common` for the shared pipeline and
+:mod:`.restoration` for the restoration it shares with ``token-critic``."""
 
 from __future__ import annotations
 
@@ -9,34 +10,24 @@ import numpy as np
 import torch
 
 from medanomaly.methods.base import register
-from medanomaly.methods.mim_ood.common import (
-    TokenRestorationDetector,
-    derive_defaults,
-    derive_schema,
-    random_token_corruption,
-    train_mvtm,
-    train_token_classifier,
-)
+from medanomaly.methods.mim_ood.common import derive_schema, random_token_corruption, train_mvtm, train_token_classifier
+from medanomaly.methods.mim_ood.restoration import MVTMRestorationDetector
 from medanomaly.methods.params import Float
-from medanomaly.nets.tokens import MaskBank, TokenTransformer, mim_restore, mvtm_token_nll
+from medanomaly.nets.tokens import MaskBank
 
 __all__ = ["MIMOOD"]
 
 
 @register
-class MIMOOD(TokenRestorationDetector):
+class MIMOOD(MVTMRestorationDetector):
     """MIM-OOD. Token scores (``extras["token_scores"]``): ATD probability of each token being anomalous;
     with ``restoration.extra_token_scores`` also ``token_scores_mvtm`` (MVTM negative log-likelihood)."""
 
     name: ClassVar[str] = "mim-ood"
-    defaults: ClassVar[dict[str, Any]] = derive_defaults()
+    selector: ClassVar[str] = "atd"
     latent_modules: ClassVar[tuple[str, ...]] = ("atd", "mvtm")
     #: the fixed threshold is an ATD probability
     parameter_schema: ClassVar[dict[str, Any]] = derive_schema(latent_modules, **{"restoration.threshold.value": Float(0, 1)})
-
-    def _build_latent(self) -> dict[str, TokenTransformer]:
-        k = int(self.params["tokenizer"]["num_embeddings"])
-        return {"atd": self._transformer(1), "mvtm": self._transformer(k)}
 
     def _fit_latent(self, tokens: torch.Tensor, val_tokens: torch.Tensor | None, reused: set[str]) -> None:
         kw, mp = self._train_kw(), self.params["masks"]
@@ -50,14 +41,3 @@ class MIMOOD(TokenRestorationDetector):
             corrupt = random_token_corruption(cbank, self.used_ids)
             self.train_log += train_token_classifier(self.nets["atd"], tokens, val_tokens, corrupt,
                                                      self.params["transformer_train"], name="atd", **kw)
-
-    def _token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.nets["atd"](tokens).squeeze(-1).float())
-
-    def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rp = self.params["restoration"]
-        return mim_restore(tokens, self._token_scores, self.nets["mvtm"], self.threshold, int(rp["T"]), int(rp["R"]),
-                           float(rp["temperature"]), seed, self.logit_bias(tokens.device))
-
-    def _extra_token_scores(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"token_scores_mvtm": mvtm_token_nll(self.nets["mvtm"], tokens, self.token_shape)}

@@ -19,15 +19,16 @@ DataLoader workers and after a resume. Checkpoints go to ``work_dir/<member>/``;
 there as ``member.safetensors`` + ``member.json`` and are reused by a later ``fit`` with the same settings and the
 same training data (data fingerprint; see :mod:`.members`). This is how members trained in parallel processes, e.g.
 one per GPU with ``members=[i]``, are collected.
+
+This module is the detector and its parameters; the training images are in :mod:`.pool`, the synthesis stream in
+:mod:`.synthesis`, the synthetic validation in :mod:`.validation`, the member folders in :mod:`.members`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,12 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from medanomaly.data.fingerprint import Fingerprinter
 from medanomaly.evaluation.scoring import check_image_score, image_scores
 from medanomaly.methods.base import AnomalyResult, Detector, register
 from medanomaly.methods.multitask.folds import Combination, assign_folds, select_combinations, task_combinations
 from medanomaly.methods.multitask.members import MemberKey, claim_member_dir, data_key, load_member, save_member
 from medanomaly.methods.multitask.model import MultiTaskUNet
+from medanomaly.methods.multitask.pool import INTER_DEFAULT, HealthyPool, inter_source_images
+from medanomaly.methods.multitask.synthesis import BatchFeeder, SynthSpec, SynthStream
+from medanomaly.methods.multitask.validation import label_loss, make_validation_set, validation_ap, validation_loss
 from medanomaly.methods.params import (
     IMAGE_SCORE_SCHEMA,
     MAX_STEPS,
@@ -239,7 +242,7 @@ class MultiTaskDetector(Detector):
         """
         from medanomaly.training.loop import TrainConfig, get_device, seed_everything, train_model
 
-        pool = _HealthyPool.from_dataset(train, quiet=self.quiet)
+        pool = HealthyPool.from_dataset(train, quiet=self.quiet)
         dims = pool.spatial_dims if self.params["spatial_dims"] is None else int(self.params["spatial_dims"])
         chans = pool.channels if self.params["in_channels"] is None else int(self.params["in_channels"])
         if dims != pool.spatial_dims or chans != pool.channels:
@@ -251,12 +254,12 @@ class MultiTaskDetector(Detector):
         tp = self.params["tasks"]
         n_tasks = len(tp["names"])
         folds = assign_folds(pool.case_ids, n_tasks, seed=int(self.params["fold_seed"]))
-        inter = _inter_source(tp["inter_source"], pool, "inter-blend" in tp["names"], inter_source)
+        inter = inter_source_images(tp["inter_source"], pool, "inter-blend" in tp["names"], inter_source)
         if tp["label_sigma_units"] == "foreground_std":
             self.label_sigma_effective = float(tp["label_sigma"]) * pool.foreground_std()
         else:
             self.label_sigma_effective = float(tp["label_sigma"])
-        synth = _SynthSpec(tp["names"], tp["params"], self.label_sigma_effective, inter)
+        synth = SynthSpec(tp["names"], tp["params"], self.label_sigma_effective, inter)
         tr = self.params["train"]
         # what a reusable member must match: parameters, training data and external inter-blend images (the
         # contrast-inverted fallback is a function of the training data)
@@ -291,16 +294,17 @@ class MultiTaskDetector(Detector):
             seed_everything(seed * 1000 + combo.index)
             net = self._build_model()
             device = get_device(tr["device"])
-            stream = _SynthStream(pool, train_idx, combo.train_tasks, synth, seed=seed, member=combo.index,
+            stream = SynthStream(pool, train_idx, combo.train_tasks, synth, seed=seed, member=combo.index,
                                   batch_size=int(tr["batch_size"]), flip_prob=float(self.params["flip_prob"]))
-            batches = _BatchFeeder(stream, int(self.params["num_workers"]), int(tr["steps"]))
-            val_set = _make_val_set(pool, val_idx, combo.val_tasks, synth, int(self.params["val_samples"]), seed, combo.index)
+            batches = BatchFeeder(stream, int(self.params["num_workers"]), int(tr["steps"]))
+            val_set = make_validation_set(pool, val_idx, combo.val_tasks, synth, int(self.params["val_samples"]), seed,
+                                          combo.index)
             loss_kind = self.params["loss"]
 
             def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], _d: torch.device = device,
                         _k: str = loss_kind) -> torch.Tensor:
                 x, y = batch[0].to(_d, non_blocking=True), batch[1].to(_d, non_blocking=True)
-                return _loss(model(x), y, _k)
+                return label_loss(model(x), y, _k)
 
             vbs = int(self.params["predict"]["batch_size"])
             by_ap = self.params["val_metric"] == "ap"
@@ -311,10 +315,10 @@ class MultiTaskDetector(Detector):
                        _k: str = loss_kind, _ap: bool = by_ap, _bs: int = vbs, _clock: list[float] = val_clock) -> float:
                 t = time.perf_counter()
                 if _ap:
-                    ap = _val_ap(model, _v, _d, _bs)
+                    ap = validation_ap(model, _v, _d, _bs)
                     out = 0.0 if ap is None else ap
                 else:
-                    out = _val_loss(model, _v, _d, _k, _bs)
+                    out = validation_loss(model, _v, _d, _k, _bs)
                 _clock[0] += time.perf_counter() - t
                 return out
 
@@ -335,9 +339,9 @@ class MultiTaskDetector(Detector):
                 batches.close()
             seconds = time.perf_counter() - t0
             net.eval()
-            val_ap = _val_ap(net, val_set, device, vbs)
+            val_ap = validation_ap(net, val_set, device, vbs)
             with torch.no_grad():
-                val_loss = _val_loss(net, val_set, device, loss_kind, vbs)
+                val_loss = validation_loss(net, val_set, device, loss_kind, vbs)
             train_seconds = max(seconds - val_clock[0], 1e-9)
             info = {
                 "name": combo.name, "index": combo.index, "train_tasks": list(combo.train_tasks),
@@ -469,275 +473,3 @@ def _check_params(p: dict[str, Any]) -> None:
         raise ValueError("multitask: val_samples must be >= 1")
     if p["spatial_dims"] is not None and int(p["spatial_dims"]) not in (2, 3):
         raise ValueError(f"multitask: spatial_dims must be 2 or 3, got {p['spatial_dims']}")
-
-
-def _loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    logits = logits.float()
-    if kind == "bce":
-        return nn.functional.binary_cross_entropy_with_logits(logits, target)
-    return nn.functional.mse_loss(torch.sigmoid(logits), target)
-
-
-def _val_loss(model: nn.Module, val: dict[str, torch.Tensor], device: torch.device, kind: str, bs: int) -> float:
-    total, n = 0.0, 0
-    for s in range(0, val["image"].shape[0], bs):
-        x, y = val["image"][s:s + bs].to(device), val["label"][s:s + bs].to(device)
-        total += float(_loss(model(x), y, kind)) * x.shape[0]
-        n += x.shape[0]
-    return total / max(n, 1)
-
-
-def _val_ap(model: MultiTaskUNet, val: dict[str, torch.Tensor], device: torch.device, bs: int) -> float | None:
-    """Pixel AP of the member on its synthetic validation set (foreground voxels; positives = synthetic mask)."""
-    from sklearn.metrics import average_precision_score
-
-    model.to(device).eval()
-    scores = []
-    with torch.no_grad():
-        for s in range(0, val["image"].shape[0], bs):
-            scores.append(model.predict_scores(val["image"][s:s + bs].to(device)).float().cpu())
-    sc = torch.cat(scores)[:, 0]
-    pos = val["mask"][:, 0]
-    fg = val["foreground"][:, 0] | pos
-    y, s = pos[fg].numpy(), sc[fg].numpy()
-    if y.size > 2_000_000:  # subsample evenly to keep this cheap on large 3D sets
-        step = int(math.ceil(y.size / 2_000_000))
-        y, s = y[::step], s[::step]
-    if not y.any() or y.all():
-        return None
-    return float(average_precision_score(y, s))
-
-
-# ====================================================================== synthesis
-class _HealthyPool:
-    """Healthy training images held in memory as numpy arrays (C, *S) with their foreground (*S)."""
-
-    def __init__(self, images: list[np.ndarray], foregrounds: list[np.ndarray], case_ids: list[str]) -> None:
-        if not images:
-            raise ValueError("multitask: the training set is empty")
-        shapes = {im.shape for im in images}
-        if len(shapes) != 1:
-            raise ValueError(f"multitask: training images must share one shape, got {sorted(shapes)[:4]}")
-        self.images, self.foregrounds, self.case_ids = images, foregrounds, case_ids
-        self.fingerprint = ""  # of the data set the pool was read from (from_dataset)
-        self.channels = int(images[0].shape[0])
-        self.spatial_dims = images[0].ndim - 1
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"multitask: images must be (C, H, W) or (C, D, H, W), got {images[0].shape}")
-
-    def foreground_std(self, max_values: int = 2_000_000) -> float:
-        """Standard deviation of the foreground intensities (all channels), from an even subsample."""
-        step = max(1, len(self.images) * self.images[0][0].size // max_values)
-        vals = np.concatenate([im[:, fg].ravel() for im, fg in zip(self.images, self.foregrounds, strict=True)])[::step]
-        std = float(vals.std()) if vals.size > 1 else 0.0
-        if not std > 0:
-            raise ValueError("multitask: the training images have constant foreground intensity; cannot scale label_sigma "
-                             "(set tasks.label_sigma_units: absolute)")
-        return std
-
-    @classmethod
-    def from_dataset(cls, ds: Any, quiet: bool = True) -> _HealthyPool:
-        from tqdm.auto import tqdm
-
-        n = len(ds)
-        if n == 0:
-            raise ValueError("multitask: the training set is empty")
-        imgs, fgs, cases = [], [], []
-        fingerprint = Fingerprinter()  # == dataset_fingerprint(ds), in the same pass
-        for i in tqdm(range(n), desc="multitask: loading training images", disable=quiet or n < 64, leave=False):
-            s = ds[i]
-            fingerprint.add_item(s)
-            im = s["image"].numpy() if isinstance(s["image"], torch.Tensor) else np.asarray(s["image"])
-            im = np.ascontiguousarray(im, dtype=np.float32)
-            if not np.isfinite(im).all():
-                raise ValueError(f"multitask: training image {i} ({s.get('case_id', '?')}) contains NaN or Inf")
-            fg = s.get("foreground")
-            fg = np.ones(im.shape[1:], bool) if fg is None else np.asarray(fg.numpy() if isinstance(fg, torch.Tensor) else fg)[0]
-            imgs.append(im)
-            fgs.append(fg.astype(bool))
-            cases.append(str(s.get("case_id", f"sample_{i}")))
-        pool = cls(imgs, fgs, cases)
-        pool.fingerprint = fingerprint.hexdigest()
-        return pool
-
-
-class _SynthSpec:
-    """The synthetic tasks by index, with their parameters and the labeller (picklable for workers)."""
-
-    def __init__(self, names: list[str], params: dict[str, Any], sigma: float, inter_source: list[np.ndarray] | None) -> None:
-        self.names, self.params, self.sigma, self.inter_source = list(names), dict(params or {}), sigma, inter_source
-
-    def apply(self, task: int, image: np.ndarray, fg: np.ndarray, rng: np.random.Generator,
-              pool: _HealthyPool, pool_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(anomalous image (C, *S), soft label (1, *S), mask (1, *S) bool) for task index ``task``."""
-        return _apply_synth_task(self, task, image, fg, rng, pool, pool_idx)
-
-
-def _apply_synth_task(spec: _SynthSpec, task: int, image: np.ndarray, fg: np.ndarray, rng: np.random.Generator,
-                      pool: _HealthyPool, pool_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from medanomaly import synth
-
-    name = spec.names[task]
-    fn = synth.get_task(name)
-    kw = dict(spec.params.get(name, {}))
-    if kw.get("labeller", "flipped-gaussian") == "flipped-gaussian" and not kw.get("labeller_params"):
-        kw["labeller_params"] = {"sigma": spec.sigma}
-    if name == "intra-blend" and "source_image" not in kw:
-        j = int(pool_idx[rng.integers(len(pool_idx))])  # another healthy image of the same folds
-        kw["source_image"], kw["source_foreground"] = pool.images[j], pool.foregrounds[j]
-    elif name == "inter-blend" and "source_image" not in kw:
-        if not spec.inter_source:
-            raise ValueError("multitask: the inter-blend task needs external images (tasks.inter_source)")
-        j = int(rng.integers(len(spec.inter_source)))
-        kw["source_image"] = spec.inter_source[j]
-    res = fn(image, fg, rng, channels=True, **kw)
-    img = np.asarray(res.image, dtype=np.float32).reshape(image.shape)
-    label = np.asarray(res.label, dtype=np.float32).reshape((1, *image.shape[1:]))
-    mask = np.asarray(res.mask, dtype=bool).reshape((1, *image.shape[1:]))
-    return img, label, mask
-
-
-#: default external data set for the inter-dataset blending task (a different modality and anatomy, as the paper's
-#: abdominal CT for brain MRI and ImageNet for chest X-rays)
-INTER_DEFAULT = "pneumoniamnist"
-INTER_MAX_IMAGES = {2: 512, 3: 24}
-
-
-def _inter_source(setting: Any, pool: _HealthyPool, needed: bool, ds: Any | None) -> list[np.ndarray] | None:
-    """External images for the inter-dataset blending task.
-
-    ``"auto"``: the normal training images of ``pneumoniamnist`` (chest X-rays; for 3D each is extruded into a
-    volume), or, when the pipeline could not load it (``ds`` None), the contrast-inverted training images (with a
-    warning); ``"inverted"``: always the latter; any other string: a data set name the pipeline loads (its ``train``
-    split) and passes as ``ds``. Images are rescaled by the task to the target's intensity range.
-    """
-    if not needed:
-        return None
-    dims = pool.spatial_dims
-    if setting in (None, "inverted"):
-        if setting is None:
-            raise ValueError("multitask: tasks.inter_source is null but the inter-blend task is used")
-        return _inverted(pool)
-    name = INTER_DEFAULT if setting == "auto" else str(setting)
-    if ds is None:
-        if setting != "auto":
-            raise ValueError(f"multitask: tasks.inter_source={setting!r} names a data set; pass its healthy images as "
-                             "fit(..., inter_source=dataset) (the pipeline does this)")
-        warnings.warn(f"multitask: external data set '{name}' not given; inter-blend uses contrast-inverted "
-                      "training images instead", stacklevel=3)
-        return _inverted(pool)
-    n = min(len(ds), INTER_MAX_IMAGES[dims])
-    idx = np.random.default_rng(12345).choice(len(ds), size=n, replace=False)
-    out = []
-    for i in sorted(idx.tolist()):
-        im = ds[int(i)]["image"].numpy().astype(np.float32)
-        im = im.mean(axis=0, keepdims=True) if im.shape[0] != pool.channels else im
-        if im.ndim - 1 < dims:  # 2D image for a 3D target: extrude along the first spatial axis
-            im = np.repeat(im[:, None], im.shape[-1], axis=1)
-        elif im.ndim - 1 > dims:
-            raise ValueError(f"multitask: tasks.inter_source={name!r} is {im.ndim - 1}D but the training data is {dims}D")
-        if im.shape[0] != pool.channels:
-            im = np.repeat(im, pool.channels, axis=0)
-        out.append(np.ascontiguousarray(im))
-    return out
-
-
-def _inverted(pool: _HealthyPool) -> list[np.ndarray]:
-    """Contrast-inverted training images (a stand-in 'other data set' when no external data is available)."""
-    step = max(1, len(pool.images) // INTER_MAX_IMAGES[pool.spatial_dims])
-    return [(im.max() + im.min() - im).astype(np.float32) for im in pool.images[::step]]
-
-
-class _SynthStream(torch.utils.data.Dataset):
-    """Item ``k`` = synthetic sample ``k % batch_size`` of training step ``k // batch_size``; pure in ``(seed, member, k)``."""
-
-    def __init__(self, pool: _HealthyPool, indices: np.ndarray, tasks: tuple[int, ...], spec: _SynthSpec, seed: int,
-                 member: int, batch_size: int, flip_prob: float) -> None:
-        if len(indices) == 0:
-            raise ValueError("multitask: a training fold group is empty (too few training images for the task folds)")
-        self.pool, self.indices, self.tasks, self.spec = pool, np.asarray(indices), tuple(tasks), spec
-        self.seed, self.member, self.batch_size, self.flip_prob = seed, member, batch_size, flip_prob
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        i = int(self.indices[rng.integers(len(self.indices))])
-        image, fg = self.pool.images[i], self.pool.foregrounds[i]
-        if self.flip_prob > 0 and rng.random() < self.flip_prob:
-            image, fg = np.ascontiguousarray(image[..., ::-1]), np.ascontiguousarray(fg[..., ::-1])
-        task = self.tasks[int(rng.integers(len(self.tasks)))]
-        img, label, _ = self.spec.apply(task, image, fg, rng, self.pool, self.indices)
-        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(label))
-
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        step, slot = divmod(int(k), self.batch_size)
-        return self.sample(np.random.default_rng([self.seed, self.member, step, slot, 11]))
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self[step * self.batch_size + j] for j in range(self.batch_size)]
-        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-
-
-class _BatchFeeder:
-    """``batch_fn(step)`` for the training loop; with workers, a DataLoader over the stream's items in step order.
-
-    Each item is a pure function of its index, so the batches do not depend on the number of workers; a call with
-    an unexpected step (a resume) restarts the loader at that step.
-    """
-
-    def __init__(self, stream: _SynthStream, num_workers: int, steps: int) -> None:
-        self.stream, self.num_workers, self.steps = stream, max(0, num_workers), steps
-        self._it: Any = None
-        self._next_step = -1
-        self.wait_seconds = 0.0
-        self.samples_served = 0
-
-    def _start(self, step: int) -> None:
-        from torch.utils.data import DataLoader
-
-        self.close()
-        bs = self.stream.batch_size
-        sampler = range(step * bs, max(self.steps, step + 1) * bs)
-        loader = DataLoader(self.stream, batch_size=bs, sampler=sampler, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4, pin_memory=torch.cuda.is_available())
-        self._it = iter(loader)
-        self._next_step = step
-
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t0 = time.perf_counter()
-        if self.num_workers == 0:
-            out = self.stream.batch(step)
-        else:
-            if self._it is None or step != self._next_step:
-                self._start(step)
-            try:
-                out = next(self._it)
-            except StopIteration:
-                self._start(step)
-                out = next(self._it)
-            self._next_step = step + 1
-        self.wait_seconds += time.perf_counter() - t0
-        self.samples_served += out[0].shape[0]
-        return out
-
-    def close(self) -> None:
-        self._it = None
-
-
-def _make_val_set(pool: _HealthyPool, indices: np.ndarray, tasks: tuple[int, ...], spec: _SynthSpec, n: int, seed: int,
-                  member: int) -> dict[str, torch.Tensor]:
-    """A fixed synthetic validation set: held-out tasks applied to held-out-fold images (no flips)."""
-    if len(indices) == 0:
-        raise ValueError("multitask: a validation fold group is empty (too few training images for the task folds)")
-    imgs, labels, masks, fgs = [], [], [], []
-    for j in range(n):
-        rng = np.random.default_rng([seed, member, j, 23])
-        i = int(indices[j % len(indices)]) if n >= len(indices) else int(indices[rng.integers(len(indices))])
-        task = tasks[j % len(tasks)]
-        img, label, mask = spec.apply(task, pool.images[i], pool.foregrounds[i], rng, pool, indices)
-        imgs.append(torch.from_numpy(img))
-        labels.append(torch.from_numpy(label))
-        masks.append(torch.from_numpy(mask))
-        fgs.append(torch.from_numpy(pool.foregrounds[i][None].copy()))
-    return {"image": torch.stack(imgs), "label": torch.stack(labels), "mask": torch.stack(masks), "foreground": torch.stack(fgs)}

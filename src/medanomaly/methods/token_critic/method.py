@@ -1,5 +1,6 @@
 """MVTM + Token Critic baseline (Lezama et al.) for anomaly detection: the critic, trained to tell MVTM-sampled
-tokens from original ones, selects the tokens to re-sample in place of MIM-OOD's ATD."""
+tokens from original ones, selects the tokens to re-sample in place of MIM-OOD's ATD (the restoration itself is
+MIM-OOD's: :mod:`medanomaly.methods.mim_ood.restoration`)."""
 
 from __future__ import annotations
 
@@ -9,34 +10,24 @@ import numpy as np
 import torch
 
 from medanomaly.methods.base import register
-from medanomaly.methods.mim_ood.common import (
-    TokenRestorationDetector,
-    critic_corruption,
-    derive_defaults,
-    derive_schema,
-    train_mvtm,
-    train_token_classifier,
-)
+from medanomaly.methods.mim_ood.common import critic_corruption, derive_schema, train_mvtm, train_token_classifier
+from medanomaly.methods.mim_ood.restoration import MVTMRestorationDetector
 from medanomaly.methods.params import Float
-from medanomaly.nets.tokens import MaskBank, TokenTransformer, mim_restore, mvtm_token_nll
+from medanomaly.nets.tokens import MaskBank
 
 __all__ = ["TokenCritic"]
 
 
 @register
-class TokenCritic(TokenRestorationDetector):
+class TokenCritic(MVTMRestorationDetector):
     """MVTM + Token Critic. Token scores: the critic's probability that a token was sampled (not original);
     with ``restoration.extra_token_scores`` also ``token_scores_mvtm``. ``reuse.modules`` may name ``mvtm``."""
 
     name: ClassVar[str] = "token-critic"
-    defaults: ClassVar[dict[str, Any]] = derive_defaults()
+    selector: ClassVar[str] = "critic"
     latent_modules: ClassVar[tuple[str, ...]] = ("critic", "mvtm")
     #: the fixed threshold is a critic probability
     parameter_schema: ClassVar[dict[str, Any]] = derive_schema(latent_modules, **{"restoration.threshold.value": Float(0, 1)})
-
-    def _build_latent(self) -> dict[str, TokenTransformer]:
-        k = int(self.params["tokenizer"]["num_embeddings"])
-        return {"critic": self._transformer(1), "mvtm": self._transformer(k)}
 
     def _fit_latent(self, tokens: torch.Tensor, val_tokens: torch.Tensor | None, reused: set[str]) -> None:
         kw, mp = self._train_kw(), self.params["masks"]
@@ -50,14 +41,3 @@ class TokenCritic(TokenRestorationDetector):
                                         self.logit_bias(self.device))
             self.train_log += train_token_classifier(self.nets["critic"], tokens, val_tokens, corrupt,
                                                      self.params["transformer_train"], name="critic", **kw)
-
-    def _token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.nets["critic"](tokens).squeeze(-1).float())
-
-    def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rp = self.params["restoration"]
-        return mim_restore(tokens, self._token_scores, self.nets["mvtm"], self.threshold, int(rp["T"]), int(rp["R"]),
-                           float(rp["temperature"]), seed, self.logit_bias(tokens.device))
-
-    def _extra_token_scores(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"token_scores_mvtm": mvtm_token_nll(self.nets["mvtm"], tokens, self.token_shape)}
