@@ -81,3 +81,51 @@ def test_find_data_root_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(DataNotFoundError, match="MEDANOMALY_DATA"):
         monkeypatch.setenv("MEDANOMALY_DATA", str(tmp_path / "missing"))
         run_demo(tmp_path / "demo", quiet=True)
+
+
+def test_resuming_another_fit_is_refused(tmp_path: Path) -> None:
+    """Stale reuse: checkpoints in a work dir belong to one (method, params, data); resuming another fit's is refused."""
+    from medanomaly.methods import get_method, get_method_class
+    from medanomaly.methods.base import RunContext
+
+    p = get_method_class("autoencoder").test_params()
+    a, b = make_toy_dataset(8, 16, seed=0), make_toy_dataset(8, 16, seed=1)
+    work = tmp_path / "work"
+    first = get_method("autoencoder", **p).fit(a, context=RunContext(work_dir=work, quiet=True))
+    x = torch.stack([b[i]["image"] for i in range(2)])
+    with pytest.raises(ValueError, match="another fit .the training data differ"):
+        get_method("autoencoder", **p).fit(b, context=RunContext(work_dir=work, resume=True, quiet=True))
+    with pytest.raises(ValueError, match="another fit .the settings differ"):
+        get_method("autoencoder", **{**p, "seed": 9}).fit(a, context=RunContext(work_dir=work, resume=True, quiet=True))
+    # without resume a new fit starts over: B's model, not A's
+    fresh_b = get_method("autoencoder", **p).fit(b, context=RunContext(work_dir=tmp_path / "other", quiet=True))
+    again_b = get_method("autoencoder", **p).fit(b, context=RunContext(work_dir=work, quiet=True))
+    assert torch.equal(again_b.predict(x).pixel_scores, fresh_b.predict(x).pixel_scores)
+    assert not torch.equal(first.predict(x).pixel_scores, fresh_b.predict(x).pixel_scores)
+    # the same fit resumes (here: from its finished checkpoint)
+    resumed = get_method("autoencoder", **p).fit(b, context=RunContext(work_dir=work, resume=True, quiet=True))
+    assert torch.equal(resumed.predict(x).pixel_scores, fresh_b.predict(x).pixel_scores)
+
+
+def test_extra_sources_are_training_data_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method's extra data (amae's unlabeled pool, multitask's inter-blend source) is loaded by the app, never from
+    an evaluation split, and recorded; an optional one that is missing is recorded as not loaded."""
+    from medanomaly.app.datasets import load_sources
+    from medanomaly.methods import get_method, get_method_class
+
+    amae = get_method_class("amae")
+    params = get_method("amae", **{"stage2.unlabeled_data": "lgg-flair-2d", "stage2.unlabeled_split": "test"}).get_params()
+    with pytest.raises(PipelineError, match="evaluation data"):
+        load_sources(amae, params)
+    params = get_method("amae", **{"stage2.unlabeled_data": "some-data", "stage2.unlabeled_split": "val"}).get_params()
+    with pytest.raises(PipelineError, match="evaluation data"):  # the benchmark's evaluation split of that data
+        load_sources(amae, params, eval_data="some-data", eval_split="val")
+    monkeypatch.setenv("MEDANOMALY_DATA", str(tmp_path / "nodata"))
+    mt = get_method_class("multitask")
+    params = get_method("multitask", **{"tasks.inter_source": "auto"}).get_params()
+    got, record = load_sources(mt, params)
+    assert got == {"inter_source": None} and record["inter_source"]["loaded"] is False
+    s = train_run("intensity", make_toy_dataset(4, 16, seed=0), tmp_path / "run", val_split=None, quiet=True)
+    assert s.config["sources"] == {}
+    with pytest.raises(PipelineError, match="evaluation data"):
+        train_run("intensity", "lgg-flair-2d", tmp_path / "run2", split="test", quiet=True)

@@ -307,6 +307,29 @@ def test_reuse_modules_and_fixed_threshold(fitted: dict, toy: dict, tmp_path) ->
         _tiny("token-critic", **{"reuse": {"run_dir": str(tmp_path / "mim"), "modules": ["atd"]}})
 
 
+def test_mim_ood_and_token_critic_share_one_restoration(fitted: dict, toy: dict) -> None:
+    from medanomaly.methods.mim_ood.restoration import MVTMRestorationDetector
+
+    mim_cls, critic_cls = get_method_class("mim-ood"), get_method_class("token-critic")
+    for name in ("_build_latent", "_token_scores", "_restore", "_extra_token_scores", "_predict"):
+        assert getattr(mim_cls, name) is getattr(critic_cls, name) is getattr(MVTMRestorationDetector, name), name
+    # the critic given the ATD's weights (and the same tokenizer, MVTM, threshold) restores exactly as MIM-OOD
+    mim, b = fitted["mim-ood"], toy["test"]
+    critic = _tiny("token-critic", **{"restoration.extra_token_scores": True})
+    critic.load_state_tensors({k.replace("atd.", "critic.", 1) if k.startswith("atd.") else k: v
+                               for k, v in mim.state_tensors().items()})
+    critic.is_fitted = True  # as load_detector does after load_state_tensors
+    mim.params["restoration"]["extra_token_scores"] = True
+    try:
+        a = mim.predict(b["image"][:3], b["foreground"][:3])
+    finally:
+        mim.params["restoration"]["extra_token_scores"] = False
+    c = critic.predict(b["image"][:3], b["foreground"][:3])
+    assert torch.equal(a.pixel_scores, c.pixel_scores)
+    for k in ("token_scores", "token_resampled", "restoration", "token_scores_mvtm"):
+        assert torch.equal(a.extras[k], c.extras[k]), k
+
+
 def test_3d_volumes() -> None:
     det = _tiny("mim-ood", **{"tokenizer.channels": [4, 8], "tokenizer_train.steps": 5, "transformer_train.steps": 5,
                               "restoration.avg_pool": 3})

@@ -23,7 +23,7 @@ from medanomaly.synth import (
     mtmlw_sizes,
     random_shape,
 )
-from medanomaly.synth.tasks import _ray_fraction
+from medanomaly.synth.tasks import ray_fraction
 
 torch.set_num_threads(1)
 
@@ -97,7 +97,7 @@ def test_ray_fraction_and_deformation_stays_inside(kind: str) -> None:
     inside = rng.uniform(-0.99, 0.99, (400, 3))
     inside = inside[sh.norm(inside) < 1][:50]  # points inside the unit shape
     w = inside - u_c
-    r = _ray_fraction(sh, u_c, w)
+    r = ray_fraction(sh, u_c, w)
     assert np.all((r > 0) & (r < 1))
     border = u_c + w / r[:, None]  # the point where each ray leaves the unit shape
     np.testing.assert_allclose(sh.norm(border), 1.0, atol=1e-9)

@@ -11,6 +11,7 @@ A run folder holds
 - ``train_log.jsonl``     the training log, when the method trains
 - ``checkpoints/``        resumable training state while (and after) training runs
 - ``request.yaml``        while training runs: what was asked for (``--resume`` checks it is asked the same)
+- ``fit_key.json``        what the checkpoints belong to (method, parameters, training-data fingerprint)
 - ``finished.json``       written last, after everything else: the sha256 of every file above. A folder without it
   is an unfinished run, whatever else it holds.
 
@@ -32,6 +33,7 @@ from medanomaly.training.atomic import atomic_write_bytes, atomic_write_text, cl
 __all__ = [
     "CONFIG_FILE",
     "FINISHED_FILE",
+    "FIT_KEY_FILE",
     "REQUEST_FILE",
     "STATE_FILE",
     "TRAIN_LOG_FILE",
@@ -50,8 +52,10 @@ VERSIONS_FILE = "versions.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 REQUEST_FILE = "request.yaml"
 FINISHED_FILE = "finished.json"
+#: what the checkpoints in a work dir belong to (method, parameters, training-data fingerprint); see Detector.fit
+FIT_KEY_FILE = "fit_key.json"
 CHECKPOINTS = "checkpoints"
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE, REQUEST_FILE, FINISHED_FILE)
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE, REQUEST_FILE, FINISHED_FILE, FIT_KEY_FILE)
 #: the files a finished run's marker hashes (the training log is optional)
 _HASHED = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE)
 _MAX_CONFIG_BYTES = 1_000_000

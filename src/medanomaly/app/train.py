@@ -161,7 +161,8 @@ def train_run(
     from medanomaly.methods.base import RunContext
 
     t0 = time.perf_counter()
-    det.fit(train, val, context=RunContext(work_dir=folder.path, resume=resume, quiet=quiet), **sources)
+    det.fit(train, val, context=RunContext(work_dir=folder.path, resume=resume, quiet=quiet, data_fingerprint=fingerprint),
+            **sources)
     seconds = time.perf_counter() - t0
 
     sections = {

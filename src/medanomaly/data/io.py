@@ -452,7 +452,8 @@ def read_dicom_series(path: str | Path, *, allow_irregular_spacing: bool = False
         irregular = hi - lo > SPACING_RTOL * med + SPACING_ATOL
         if irregular and not allow_irregular_spacing:
             raise DataError(f"{path}: slice spacing varies from {lo:.3f} to {hi:.3f} mm (median {med:.3f}; missing "
-                            "slices?); pass allow_irregular_spacing=True to resample onto a regular grid")
+                            "slices?); pass allow_irregular_spacing=True (`medanomaly predict --allow-irregular-spacing`) to "
+                            "resample onto a regular grid")
     else:
         irregular = False
     slices, metas = [], []

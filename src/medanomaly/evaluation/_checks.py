@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 
-def _to_numpy(x: Any, name: str) -> np.ndarray:
+def to_numpy(x: Any, name: str) -> np.ndarray:
     """numpy view/copy of a numpy array, torch tensor or sequence, with a clear error for anything else."""
     if x is None:
         raise ValueError(f"{name} is None")
@@ -30,7 +30,7 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _check_scores(a: np.ndarray, name: str) -> np.ndarray:
+def check_scores(a: np.ndarray, name: str) -> np.ndarray:
     if a.size == 0:
         raise ValueError(f"{name} is empty (shape {a.shape})")
     if a.dtype == bool:
@@ -49,7 +49,7 @@ def _check_scores(a: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
-def _check_binary(a: np.ndarray, name: str) -> np.ndarray:
+def check_binary(a: np.ndarray, name: str) -> np.ndarray:
     if a.dtype == bool:
         return a
     if a.size and not np.issubdtype(a.dtype, np.number):
@@ -61,30 +61,30 @@ def _check_binary(a: np.ndarray, name: str) -> np.ndarray:
     return a.astype(bool)
 
 
-def _squeeze_channel(a: np.ndarray) -> np.ndarray:
+def squeeze_channel(a: np.ndarray) -> np.ndarray:
     """(N, 1, *spatial) -> (N, *spatial); other shapes unchanged."""
     if a.ndim >= 3 and a.shape[1] == 1:
         return a[:, 0]
     return a
 
 
-def _prepare_maps(
+def prepare_maps(
     scores: Any, masks: Any, foreground: Any = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Checked (N, V) scores, (N, V) bool masks and (N, V) bool foreground (or None)."""
-    s = _check_scores(_squeeze_channel(_to_numpy(scores, "scores")), "scores")
-    m = _squeeze_channel(_to_numpy(masks, "masks"))
+    s = check_scores(squeeze_channel(to_numpy(scores, "scores")), "scores")
+    m = squeeze_channel(to_numpy(masks, "masks"))
     if s.ndim < 2:
         raise ValueError(f"scores must be (N, *spatial) or (N, 1, *spatial), got shape {s.shape}")
     if m.shape != s.shape:
         raise ValueError(f"scores shape {s.shape} does not match masks shape {m.shape} (after dropping a channel axis)")
-    m = _check_binary(m, "masks")
+    m = check_binary(m, "masks")
     f = None
     if foreground is not None:
-        f = _squeeze_channel(_to_numpy(foreground, "foreground"))
+        f = squeeze_channel(to_numpy(foreground, "foreground"))
         if f.shape != s.shape:
             raise ValueError(f"foreground shape {f.shape} does not match scores shape {s.shape}")
-        f = _check_binary(f, "foreground").reshape(len(f), -1)
+        f = check_binary(f, "foreground").reshape(len(f), -1)
         if not f.any():
             raise ValueError("foreground is empty: no voxel to evaluate")
     n = s.shape[0]

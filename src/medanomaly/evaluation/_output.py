@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["json_safe"]
+__all__ = ["json_safe", "format_value", "is_number", "atomic_write", "REPORT_CSS"]
 
 
 def json_safe(obj: Any) -> Any:
@@ -37,7 +37,7 @@ def json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, (bool, np.bool_)):
@@ -52,15 +52,15 @@ def _fmt(v: Any) -> str:
             return f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}"
         return f"{x:.3e}"
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
     return str(v)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
     """Write then rename (a reader never sees half a file), with ordinary permissions (a report is for people).
 
     Own helper rather than ``methods.base.atomic_write_bytes``: importing ``medanomaly.methods`` loads every method.
@@ -77,7 +77,7 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
             tmp.unlink()
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+REPORT_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3;font-weight:600}td{font-family:ui-monospace,monospace}img{max-width:100%}
 figure{margin:1em 0}figcaption{color:#666;font-size:.9em}.note{color:#555;font-size:.9em}"""

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.evaluation._output import _atomic_write, _fmt, _is_number
+from medanomaly.evaluation._output import atomic_write, format_value, is_number
 
 __all__ = ["log_panels", "pick_cases", "pick_healthy", "plot_cases", "plot_curves", "plot_train_log", "save_fig", "score_range"]
 
@@ -29,7 +29,7 @@ def save_fig(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def plot_curves(curves: dict[str, np.ndarray], level: str, ap: float, auroc: float, prevalence: float,
@@ -39,13 +39,13 @@ def plot_curves(curves: dict[str, np.ndarray], level: str, ap: float, auroc: flo
     # the PR curve as scikit-learn draws it: a step through (recall, precision) from recall 0
     r = np.concatenate([[0.0], curves["recall"]])
     p = np.concatenate([[curves["precision"][0] if curves["precision"].size else 1.0], curves["precision"]])
-    a1.step(r, p, where="post", color="C0", label=f"AP = {_fmt(ap)}")
-    a1.axhline(prevalence, color="grey", ls=":", lw=1, label=f"chance = {_fmt(prevalence)}")
+    a1.step(r, p, where="post", color="C0", label=f"AP = {format_value(ap)}")
+    a1.axhline(prevalence, color="grey", ls=":", lw=1, label=f"chance = {format_value(prevalence)}")
     if best_point is not None:
         a1.plot(*best_point, "o", color="C3", label="best DICE threshold")
     a1.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{level}: precision-recall")
     a1.legend(loc="best", fontsize=8)
-    a2.plot(curves["fpr"], curves["tpr"], color="C1", label=f"AUROC = {_fmt(auroc)}")
+    a2.plot(curves["fpr"], curves["tpr"], color="C1", label=f"AUROC = {format_value(auroc)}")
     a2.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
     a2.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02), title=f"{level}: ROC")
     a2.legend(loc="lower right", fontsize=8)
@@ -190,13 +190,13 @@ def log_panels(train_log: Sequence[Any]) -> tuple[dict[str, dict[str, tuple[list
         if not isinstance(rec, dict):
             continue
         step = rec.get("step")
-        if not _is_number(step) or not math.isfinite(float(step)):
+        if not is_number(step) or not math.isfinite(float(step)):
             continue
         group = "/".join(str(rec[k]) for k in _LOG_GROUP_KEYS if rec.get(k) is not None) or "training"
         if group not in groups:
             groups.append(group)
         for k, v in rec.items():
-            if k in _LOG_SKIP or k in _LOG_GROUP_KEYS or not _is_number(v) or not math.isfinite(float(v)):
+            if k in _LOG_SKIP or k in _LOG_GROUP_KEYS or not is_number(v) or not math.isfinite(float(v)):
                 continue
             xs, ys = panels.setdefault(k, {}).setdefault(group, ([], []))
             xs.append(float(step))

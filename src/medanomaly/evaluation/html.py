@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.evaluation._checks import _check_binary, _check_scores, _squeeze_channel, _to_numpy
-from medanomaly.evaluation._output import _CSS, _atomic_write, _fmt, json_safe
+from medanomaly.evaluation._checks import check_binary, check_scores, squeeze_channel, to_numpy
+from medanomaly.evaluation._output import REPORT_CSS, atomic_write, format_value, json_safe
 from medanomaly.evaluation.figures import (
     log_panels,
     pick_cases,
@@ -75,19 +75,19 @@ def _img_tag(path: Path, alt: str, embed: bool) -> str:
 
 def _table(d: dict[str, Any], first: Sequence[str] = ()) -> str:
     keys = [k for k in first if k in d] + [k for k in d if k not in first]
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(d[k]))}</td></tr>" for k in keys)
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(format_value(d[k]))}</td></tr>" for k in keys)
     return f"<table>{rows}</table>"
 
 
 def _check_restorations(restorations: Any, shape: tuple[int, ...]) -> np.ndarray:
     """(N, *S) float32 from (N, *S) or (N, C, *S) (channel 0), checked against the maps' shape ``shape``."""
-    r = given = _to_numpy(restorations, "restorations")
+    r = given = to_numpy(restorations, "restorations")
     if r.ndim == len(shape) + 1 and r.shape[0] == shape[0] and r.shape[1] >= 1:
         r = r[:, 0]
     if tuple(r.shape) != tuple(shape):
         raise ValueError(f"restorations shape {tuple(given.shape)} does not match scores shape {tuple(shape)} "
                          "(expected (N, *spatial) or (N, C, *spatial) at the input size)")
-    r = _check_scores(r, "restorations")
+    r = check_scores(r, "restorations")
     return r.astype(np.float32, copy=False)
 
 
@@ -135,28 +135,28 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(settings or {})
     log = _check_train_log(train_log) if train_log is not None else None
-    _atomic_write(out / "metrics.json", json.dumps(json_safe(metrics), indent=2, sort_keys=False, allow_nan=False) + "\n")
-    _atomic_write(out / "settings.json", json.dumps(json_safe(settings), indent=2, allow_nan=False) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(json_safe(metrics), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    atomic_write(out / "settings.json", json.dumps(json_safe(settings), indent=2, allow_nan=False) + "\n")
     figures: list[tuple[Path, str]] = []
     notes: list[str] = []
 
     if scores is not None:
-        s = _check_scores(_squeeze_channel(_to_numpy(scores, "scores")), "scores").astype(np.float32)
+        s = check_scores(squeeze_channel(to_numpy(scores, "scores")), "scores").astype(np.float32)
         if s.ndim not in (3, 4):
             raise ValueError(f"scores must be (N, *spatial) with 2 or 3 spatial dims, got shape {s.shape}")
         m = None
         if masks is not None:
-            m = _check_binary(_squeeze_channel(_to_numpy(masks, "masks")), "masks")
+            m = check_binary(squeeze_channel(to_numpy(masks, "masks")), "masks")
             if m.shape != s.shape:
                 raise ValueError(f"scores shape {s.shape} does not match masks shape {m.shape}")
         f = None
         if foreground is not None:
-            f = _check_binary(_squeeze_channel(_to_numpy(foreground, "foreground")), "foreground")
+            f = check_binary(squeeze_channel(to_numpy(foreground, "foreground")), "foreground")
             if f.shape != s.shape:
                 raise ValueError(f"foreground shape {f.shape} does not match scores shape {s.shape}")
         im = None
         if images is not None:
-            im = _to_numpy(images, "images").astype(np.float32)
+            im = to_numpy(images, "images").astype(np.float32)
             if im.ndim == s.ndim + 1:
                 im = im[:, 0]
             if im.shape != s.shape:
@@ -174,7 +174,7 @@ def write_report(
         thr = float(thr) if thr is not None else float("nan")
         img_scores = None
         if sample_scores is not None:
-            img_scores = np.ravel(_to_numpy(sample_scores, "sample_scores")).astype(np.float64)
+            img_scores = np.ravel(to_numpy(sample_scores, "sample_scores")).astype(np.float64)
             if img_scores.size != s.shape[0]:
                 img_scores = None
         if img_scores is None:
@@ -211,7 +211,7 @@ def write_report(
             save_fig(fig, figures[-1][0])
         # healthy images: false-positive candidates (labels are used after the fact, for this picture only)
         if im is not None and sample_labels is not None:
-            lab = np.ravel(_to_numpy(sample_labels, "sample_labels"))
+            lab = np.ravel(to_numpy(sample_labels, "sample_labels"))
             if lab.size != s.shape[0] or sample_scores is None or np.size(sample_scores) != s.shape[0]:
                 notes.append("healthy-image grid not drawn: sample scores/labels do not have one entry per image")
             else:
@@ -226,8 +226,8 @@ def write_report(
                     save_fig(fig, figures[-1][0])
 
     if sample_scores is not None and sample_labels is not None:
-        ss = np.ravel(_to_numpy(sample_scores, "sample_scores"))
-        sl = np.ravel(_to_numpy(sample_labels, "sample_labels"))
+        ss = np.ravel(to_numpy(sample_scores, "sample_scores"))
+        sl = np.ravel(to_numpy(sample_labels, "sample_labels"))
         known = sl != -1
         if (sl[known] == 1).any() and (sl[known] == 0).any():
             cur = sample_curves(ss, sl)
@@ -254,7 +254,7 @@ def write_report(
     timing["medanomaly"] = _package_version()
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{REPORT_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Metrics</h2>",
         _table({k: v for k, v in metrics.items() if not isinstance(v, dict)}, MAIN_KEYS),
@@ -272,5 +272,5 @@ def write_report(
         parts += [_img_tag(p, alt, embed_images) for p, alt in figures]
     parts.append("</body></html>\n")
     page = out / "report.html"
-    _atomic_write(page, "\n".join(parts))
+    atomic_write(page, "\n".join(parts))
     return page

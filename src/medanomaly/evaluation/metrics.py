@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medanomaly.evaluation._checks import _check_binary, _check_scores, _prepare_maps, _squeeze_channel, _to_numpy
+from medanomaly.evaluation._checks import check_binary, check_scores, prepare_maps, squeeze_channel, to_numpy
 
 __all__ = [
     "MetricWarning",
@@ -72,7 +72,7 @@ def _counts_at(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> tupl
     return tps, fps
 
 
-def _exact_binary(scores: np.ndarray, labels: np.ndarray, what: str) -> dict[str, Any]:
+def exact_binary_metrics(scores: np.ndarray, labels: np.ndarray, what: str) -> dict[str, Any]:
     """Exact AP, AUROC, best DICE and its threshold of 1-D scores against bool labels.
 
     Two sorts and binary searches, O(V log V) without an argsort (several times faster on large inputs):
@@ -102,7 +102,7 @@ def _exact_binary(scores: np.ndarray, labels: np.ndarray, what: str) -> dict[str
     return out
 
 
-def _ap_auroc_dice(tps: np.ndarray, fps: np.ndarray, what: str) -> dict[str, Any]:
+def ap_auroc_dice(tps: np.ndarray, fps: np.ndarray, what: str) -> dict[str, Any]:
     """AP, AUROC and the best pooled DICE (with its index) from cumulative counts in descending-threshold order."""
     p = int(tps[-1])
     n = int(fps[-1])
@@ -142,7 +142,7 @@ def _case_groups(case_ids: Sequence[Any] | None, n: int) -> tuple[np.ndarray, np
     return uniq, inv
 
 
-def _dice_from_case_counts(tp: np.ndarray, pred: np.ndarray, pos: np.ndarray, dice_cases: DiceCases) -> np.ndarray:
+def dice_from_case_counts(tp: np.ndarray, pred: np.ndarray, pos: np.ndarray, dice_cases: DiceCases) -> np.ndarray:
     """Per-case DICE = 2TP / (|pred| + |mask|); nan for cases excluded by ``dice_cases``."""
     if dice_cases not in ("with_lesion", "all"):
         raise ValueError(f"dice_cases must be 'with_lesion' or 'all', got {dice_cases!r}")
@@ -168,7 +168,7 @@ def per_case_dice(
     Images sharing a ``case_ids`` entry (e.g. slices of one patient) are pooled into one case. Returns
     ``(case_keys, dice)``; ``dice`` is nan for cases excluded by ``dice_cases`` (see the module docstring).
     """
-    s, m, f = _prepare_maps(scores, masks, foreground)
+    s, m, f = prepare_maps(scores, masks, foreground)
     return _per_case_dice_arrays(s, m, f, threshold, case_ids, dice_cases)
 
 
@@ -183,10 +183,10 @@ def _per_case_dice_arrays(
     tp = np.bincount(inv, weights=(pred & m).sum(1), minlength=len(keys))
     npred = np.bincount(inv, weights=pred.sum(1), minlength=len(keys))
     npos = np.bincount(inv, weights=m.sum(1), minlength=len(keys))
-    return keys, _dice_from_case_counts(tp, npred, npos, dice_cases)
+    return keys, dice_from_case_counts(tp, npred, npos, dice_cases)
 
 
-def _summary(d: np.ndarray) -> tuple[float, float, int]:
+def dice_summary(d: np.ndarray) -> tuple[float, float, int]:
     d = d[~np.isnan(d)]
     if d.size == 0:
         return math.nan, math.nan, 0
@@ -206,11 +206,11 @@ def _per_case_ranking(s: np.ndarray, m: np.ndarray, f: np.ndarray | None, case_i
         n_pos = int(mk.sum())
         if n_pos == 0 or n_pos == mk.size:
             continue
-        r = _exact_binary(sk.ravel(), mk.ravel(), "pixel_metrics")
+        r = exact_binary_metrics(sk.ravel(), mk.ravel(), "pixel_metrics")
         aps.append(r["ap"])
         aucs.append(r["auroc"])
-    ap_m, ap_s, n = _summary(np.asarray(aps, float))
-    au_m, au_s, _ = _summary(np.asarray(aucs, float))
+    ap_m, ap_s, n = dice_summary(np.asarray(aps, float))
+    au_m, au_s, _ = dice_summary(np.asarray(aucs, float))
     return {"ap_per_case_mean": ap_m, "ap_per_case_std": ap_s, "auroc_per_case_mean": au_m, "auroc_per_case_std": au_s,
             "n_cases_ranking": n}
 
@@ -240,12 +240,12 @@ def pixel_metrics(
         ``positive_fraction``, ``n_cases``; with ``case_ids``: ``ap_per_case_mean``/``_std``,
         ``auroc_per_case_mean``/``_std``, ``n_cases_ranking``.
     """
-    s, m, f = _prepare_maps(scores, masks, foreground)
+    s, m, f = prepare_maps(scores, masks, foreground)
     if f is not None:
         s_sel, y_sel = s[f], m[f]
     else:
         s_sel, y_sel = s.ravel(), m.ravel()
-    r = _exact_binary(s_sel, y_sel, "pixel_metrics")
+    r = exact_binary_metrics(s_sel, y_sel, "pixel_metrics")
     del s_sel, y_sel
     n_pos = r["n_pos"]
     n_vox = n_pos + r["n_neg"]
@@ -264,7 +264,7 @@ def pixel_metrics(
     }
     if per_case and n_pos > 0:
         _, d = _per_case_dice_arrays(s, m, f, out["best_threshold"], case_ids, dice_cases)
-        out["dice_per_case_mean"], out["dice_per_case_std"], out["n_cases_dice"] = _summary(d)
+        out["dice_per_case_mean"], out["dice_per_case_std"], out["n_cases_dice"] = dice_summary(d)
     if per_case and case_ids is not None:
         out.update(_per_case_ranking(s, m, f, case_ids))
     return out
@@ -282,7 +282,7 @@ def pixel_curves(scores: Any, masks: Any, foreground: Any = None, max_points: in
     Returns ``precision``, ``recall``, ``fpr``, ``tpr``, ``thresholds`` (descending), with the ROC curve starting
     at (0, 0). Precision/recall are nan when there is no positive; fpr nan when there is no negative.
     """
-    s, m, f = _prepare_maps(scores, masks, foreground)
+    s, m, f = prepare_maps(scores, masks, foreground)
     s_sel, y_sel = (s[f], m[f]) if f is not None else (s.ravel(), m.ravel())
     return _curves(s_sel, y_sel, max_points)
 
@@ -310,8 +310,8 @@ def _curves(s: np.ndarray, y: np.ndarray, max_points: int) -> dict[str, np.ndarr
 
 
 def _prepare_samples(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    s = _check_scores(np.ravel(_to_numpy(scores, "sample scores")), "sample scores")
-    lab = np.ravel(_to_numpy(labels, "sample labels"))
+    s = check_scores(np.ravel(to_numpy(scores, "sample scores")), "sample scores")
+    lab = np.ravel(to_numpy(labels, "sample labels"))
     if lab.shape != s.shape:
         raise ValueError(f"{s.size} sample scores but {lab.size} labels")
     if lab.dtype == bool:
@@ -335,7 +335,7 @@ def sample_metrics(scores: Any, labels: Any) -> dict[str, float | int]:
     class is missing.
     """
     s, y, n_unknown = _prepare_samples(scores, labels)
-    r = _exact_binary(s, y, "sample_metrics")
+    r = exact_binary_metrics(s, y, "sample_metrics")
     return {"ap": r["ap"], "auroc": r["auroc"], "n": int(s.size), "n_pos": int(y.sum()), "n_unknown": n_unknown}
 
 
@@ -351,7 +351,7 @@ def slice_labels(masks: Any, min_fraction: float = 0.0, foreground: Any = None) 
     ``min_fraction=0`` means any lesion voxel. The fraction is of the foreground voxels when ``foreground`` is given
     (lesion voxels outside it are ignored), else of all voxels. Returns an int array (N,).
     """
-    m = _check_binary(_squeeze_channel(_to_numpy(masks, "masks")), "masks")
+    m = check_binary(squeeze_channel(to_numpy(masks, "masks")), "masks")
     if m.ndim < 2:
         raise ValueError(f"masks must be (N, *spatial), got shape {m.shape}")
     if not 0 <= min_fraction < 1:
@@ -359,7 +359,7 @@ def slice_labels(masks: Any, min_fraction: float = 0.0, foreground: Any = None) 
     n = m.shape[0]
     m = m.reshape(n, -1)
     if foreground is not None:
-        f = _check_binary(_squeeze_channel(_to_numpy(foreground, "foreground")), "foreground").reshape(n, -1)
+        f = check_binary(squeeze_channel(to_numpy(foreground, "foreground")), "foreground").reshape(n, -1)
         if f.shape != m.shape:
             raise ValueError("foreground shape does not match masks shape")
         m = m & f

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.evaluation._checks import _prepare_maps
-from medanomaly.evaluation.metrics import DiceCases, _ap_auroc_dice, _dice_from_case_counts, _summary
+from medanomaly.evaluation._checks import prepare_maps
+from medanomaly.evaluation.metrics import DiceCases, ap_auroc_dice, dice_from_case_counts, dice_summary
 
 __all__ = ["StreamingPixelMetrics"]
 
@@ -93,7 +93,7 @@ class StreamingPixelMetrics:
 
     def update(self, scores: Any, masks: Any, foreground: Any = None, case_ids: Sequence[Any] | None = None) -> None:
         """Add a batch: (B, *spatial) or (B, 1, *spatial) maps and masks; optional foreground and case ids."""
-        s, m, f = _prepare_maps(scores, masks, foreground)
+        s, m, f = prepare_maps(scores, masks, foreground)
         n = s.shape[0]
         if self.per_case:
             if case_ids is None:
@@ -154,7 +154,7 @@ class StreamingPixelMetrics:
         p_b, n_b = self.pos[nz].astype(np.float64), self.neg[nz].astype(np.float64)
         tied = ~self.mixed[nz]
         tps, fps = np.cumsum(self.pos[nz]), np.cumsum(self.neg[nz])
-        r = _ap_auroc_dice(tps, fps, "StreamingPixelMetrics")
+        r = ap_auroc_dice(tps, fps, "StreamingPixelMetrics")
         P, N = float(tps[-1]), float(fps[-1])
         thresholds = self._thresholds()
         out: dict[str, Any] = {
@@ -200,6 +200,6 @@ class StreamingPixelMetrics:
             h = np.stack(list(self.cases.values())).astype(np.int64)  # (cases, 2, bins + 4)
             tp = h[:, 0, b:].sum(1)
             pred = tp + h[:, 1, b:].sum(1)
-            d = _dice_from_case_counts(tp, pred, h[:, 0].sum(1), self.dice_cases)
-            out["dice_per_case_mean"], out["dice_per_case_std"], out["n_cases_dice"] = _summary(d)
+            d = dice_from_case_counts(tp, pred, h[:, 0].sum(1), self.dice_cases)
+            out["dice_per_case_mean"], out["dice_per_case_std"], out["n_cases_dice"] = dice_summary(d)
         return out

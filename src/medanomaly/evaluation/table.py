@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medanomaly.evaluation._output import _CSS, _atomic_write, _fmt, _is_number, json_safe
+from medanomaly.evaluation._output import REPORT_CSS, atomic_write, format_value, is_number, json_safe
 
 __all__ = ["write_comparison_table"]
 
@@ -31,7 +31,7 @@ def _best_rows(rows: list[dict[str, Any]], cols: list[str]) -> dict[str, set[int
     best: dict[str, set[int]] = {}
     for c in cols:
         d = _direction(c)
-        vals = [(i, float(r[c])) for i, r in enumerate(rows) if _is_number(r.get(c)) and math.isfinite(float(r[c]))]
+        vals = [(i, float(r[c])) for i, r in enumerate(rows) if is_number(r.get(c)) and math.isfinite(float(r[c]))]
         if d and len(vals) > 1:
             target = max(v for _, v in vals) if d > 0 else min(v for _, v in vals)
             best[c] = {i for i, v in vals if v == target}
@@ -61,13 +61,13 @@ def write_comparison_table(
     def cell(i: int, c: str, bold: tuple[str, str], escape: bool = False) -> str:
         if c not in rows[i] or rows[i][c] is None:
             return ""
-        t = html.escape(_fmt(rows[i][c])) if escape else _fmt(rows[i][c])
+        t = html.escape(format_value(rows[i][c])) if escape else format_value(rows[i][c])
         return f"{bold[0]}{t}{bold[1]}" if i in best.get(c, set()) else t
 
     md = [f"| {' | '.join(cols)} |", "|" + "|".join("---" for _ in cols) + "|"]
     md += ["| " + " | ".join(cell(i, c, ("**", "**")).replace("|", "\\|") for c in cols) + " |" for i in range(len(rows))]
     md_path = out / f"{name}.md"
-    _atomic_write(md_path, "\n".join(md) + "\n")
+    atomic_write(md_path, "\n".join(md) + "\n")
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -75,16 +75,16 @@ def write_comparison_table(
     for r in rows:
         w.writerow(["" if json_safe(r.get(c)) is None else json_safe(r.get(c)) for c in cols])
     csv_path = out / f"{name}.csv"
-    _atomic_write(csv_path, buf.getvalue())
+    atomic_write(csv_path, buf.getvalue())
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{cell(i, c, ('<b>', '</b>'), escape=True)}</td>" for c in cols) + "</tr>"
         for i in range(len(rows))
     )
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{REPORT_CSS}</style>"
             f"</head><body><h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>"
             "<p class='note'>Bold: best in the column (higher AP/AUROC/DICE, lower time).</p></body></html>\n")
     html_path = out / f"{name}.html"
-    _atomic_write(html_path, page)
+    atomic_write(html_path, page)
     return md_path, csv_path, html_path

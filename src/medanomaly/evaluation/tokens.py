@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.evaluation._checks import _check_binary, _check_scores, _squeeze_channel, _to_numpy
-from medanomaly.evaluation.metrics import _exact_binary
+from medanomaly.evaluation._checks import check_binary, check_scores, squeeze_channel, to_numpy
+from medanomaly.evaluation.metrics import exact_binary_metrics
 
 __all__ = ["token_labels", "token_metrics"]
 
@@ -39,7 +39,7 @@ def token_labels(masks: Any, factor: int | Sequence[int], min_fraction: float = 
     A token is anomalous when the fraction of its pixels inside the lesion is > 0 (``min_fraction=0``, the default:
     any lesion pixel, i.e. max-pooling) or >= ``min_fraction`` otherwise (``0.5``: majority).
     """
-    m = _check_binary(_squeeze_channel(_to_numpy(masks, "masks")), "masks")
+    m = check_binary(squeeze_channel(to_numpy(masks, "masks")), "masks")
     if not 0 <= min_fraction <= 1:
         raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction}")
     frac = _block_fraction(m, _factor_tuple(factor, m.ndim - 1))
@@ -58,8 +58,8 @@ def token_metrics(
     Token labels as in :func:`token_labels`. With ``foreground`` (pixel resolution) only tokens containing at least
     one foreground pixel are evaluated. Returns ``ap``, ``auroc``, ``n_tokens``, ``n_pos``.
     """
-    t = _check_scores(_squeeze_channel(_to_numpy(token_scores, "token_scores")), "token_scores")
-    m = _squeeze_channel(_to_numpy(masks, "masks"))
+    t = check_scores(squeeze_channel(to_numpy(token_scores, "token_scores")), "token_scores")
+    m = squeeze_channel(to_numpy(masks, "masks"))
     if t.ndim != m.ndim or t.shape[0] != m.shape[0]:
         raise ValueError(f"token_scores shape {t.shape} and masks shape {m.shape} do not correspond")
     f = _factor_tuple(factor, m.ndim - 1)
@@ -69,11 +69,11 @@ def token_metrics(
     y = token_labels(m, f, min_fraction)
     keep = np.ones_like(y, dtype=bool)
     if foreground is not None:
-        fg = _check_binary(_squeeze_channel(_to_numpy(foreground, "foreground")), "foreground")
+        fg = check_binary(squeeze_channel(to_numpy(foreground, "foreground")), "foreground")
         if fg.shape != m.shape:
             raise ValueError(f"foreground shape {fg.shape} does not match masks shape {m.shape}")
         keep = _block_fraction(fg, f) > 0
         if not keep.any():
             raise ValueError("foreground is empty: no token to evaluate")
-    r = _exact_binary(t[keep], y[keep], "token_metrics")
+    r = exact_binary_metrics(t[keep], y[keep], "token_metrics")
     return {"ap": r["ap"], "auroc": r["auroc"], "n_tokens": int(keep.sum()), "n_pos": int(y[keep].sum())}

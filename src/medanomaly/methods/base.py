@@ -60,6 +60,8 @@ class RunContext:
     work_dir: Path | None = None
     resume: bool = False
     quiet: bool = False
+    #: content fingerprint of the training data when the caller has it already (else ``fit`` computes it)
+    data_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.work_dir is not None and not isinstance(self.work_dir, Path):
@@ -258,6 +260,8 @@ class Detector(ABC):
         self.is_fitted = False
         self.train_log = []
         before = copy.deepcopy(self.params)
+        if self.context_.work_dir is not None:
+            self._check_work_dir(train_v)
         seed_everything(int(self.params["seed"]))
         self._fit(train_v, val_v, **views)
         if self.params != before:
@@ -266,6 +270,32 @@ class Detector(ABC):
                                "attributes, not in params")
         self.is_fitted = True
         return self
+
+    def _check_work_dir(self, train: Any) -> None:
+        """Key the work dir's checkpoints on (method, parameters, training data): resuming another fit's checkpoints
+        is refused, and a fresh fit (``resume=False``) starts over whatever the folder holds."""
+        import json
+
+        from medanomaly.data.fingerprint import dataset_fingerprint
+        from medanomaly.run_folder import FIT_KEY_FILE, plain
+        from medanomaly.training.atomic import atomic_write_text
+
+        ctx = self.context_
+        assert ctx.work_dir is not None
+        key = {"method": self.name, "params": json.loads(json.dumps(plain(self.params), default=str)),
+               "data": ctx.data_fingerprint or dataset_fingerprint(train)}
+        path = ctx.work_dir / FIT_KEY_FILE
+        if ctx.resume and path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != key:
+                what = "the training data" if isinstance(old, dict) and old.get("params") == key["params"] else "the settings"
+                raise ValueError(f"{self.name}: {ctx.work_dir} holds checkpoints of another fit ({what} differ); "
+                                 "resume only the same fit, or use another work dir / resume=False")
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(key, sort_keys=True))
 
     def predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None, **kw: Any) -> AnomalyResult:
         """Anomaly maps and image scores: ``images`` (B, C, *spatial) preprocessed, ``foreground`` (B, 1, *spatial)."""

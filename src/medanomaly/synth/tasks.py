@@ -298,7 +298,7 @@ def _inter_blend(img, fg, rng, p, lo, hi):
     return _blend(img, fg, rng, p, lo, hi, need_source=True)
 
 
-def _ray_fraction(shape: Shape, u_c: np.ndarray, w: np.ndarray) -> np.ndarray:
+def ray_fraction(shape: Shape, u_c: np.ndarray, w: np.ndarray) -> np.ndarray:
     """For rays from local point ``u_c`` (inside) through ``u_c + w``: the fraction of the way to the shape border."""
     if shape.kind == "ellipse":
         a = (w * w).sum(-1)
@@ -330,7 +330,7 @@ def _deform(img: np.ndarray, fg: np.ndarray, rng: np.random.Generator, p: dict[s
         idx = shape.indices()
         pts = np.stack(idx, axis=-1).astype(np.float64)
         w = shape.local(pts) - u_c
-        r = _ray_fraction(shape, u_c, w)
+        r = ray_fraction(shape, u_c, w)
         if sink:
             with np.errstate(divide="ignore", invalid="ignore"):
                 k = np.where(r > 0, (1.0 - (1.0 - r) ** f) / r, f)
