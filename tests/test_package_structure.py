@@ -18,18 +18,10 @@ PKG = "medanomaly"
 
 #: (importer, imported) edges allowed to close a cycle, each with its reason. Only imports inside functions may be
 #: listed (checked below); keep it empty where the code can be arranged without one.
-ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    # discovery._scan reads the methods package's __path__: a function-level import of its own parent package,
-    # which is always initialised by the time the function runs (medanomaly/methods/__init__ -> base -> discovery,
-    # both lazy in base). Could be ``sys.modules[__package__]``; discovery.py belongs to the registry work.
-    ("medanomaly.methods.discovery", "medanomaly.methods"): "function-level import of the parent package",
-}
+ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 #: (file, private name) imports of a private name that are tolerated for now, each with its reason
-ALLOWED_PRIVATE_IMPORTS: dict[tuple[str, str], str] = {
-    # a test of the CLI's error text; cli.py belongs to the registry work: make ``_message`` public there, then drop this
-    ("tests/test_cli_hostile.py", "medanomaly.cli._message"): "cli.py is edited by another engineer",
-}
+ALLOWED_PRIVATE_IMPORTS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def _os_message(e: OSError) -> str | None:
     return f"{where}: {hint or (e.strerror or str(e))} ({type(e).__name__})"
 
 
-def _message(e: BaseException) -> str:
+def error_message(e: BaseException) -> str:
     """The one-line text of an error: our own errors as they are, OSErrors as ``<file>: <cause>``."""
     if isinstance(e, OSError) and (named := _os_message(e)) is not None:
         return named
@@ -90,7 +90,7 @@ def _errors() -> Iterator[None]:
     except Exception as e:
         if os.environ.get("MEDANOMALY_DEBUG"):
             raise
-        typer.echo(f"error: {_message(e)}", err=True)
+        typer.echo(f"error: {error_message(e)}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
 
 

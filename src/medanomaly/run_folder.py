@@ -283,6 +283,10 @@ class RunFolder:
             if not p.is_file():
                 raise RunFolderError(f"{self.path}: {name} is missing (the folder was copied partly?)")
             if _sha256(p) != digest:
+                if name == TRAIN_LOG_FILE:  # only reports read the log: say so, do not refuse the run
+                    warnings.warn(f"{p}: changed since the run finished; the training curves may not be this run's",
+                                  stacklevel=3)
+                    continue
                 raise RunFolderError(f"{p}: changed since the run finished (sha256 differs from {FINISHED_FILE})")
 
     def read_tensors(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from medanomaly.app.datasets import data_name, describe_dataset, open_dataset
-from medanomaly.app.errors import Echo, PipelineError, make_echo
+from medanomaly.app.errors import Echo, PipelineError, check_writable_folder, make_echo
 from medanomaly.app.predict import iter_predictions, load_run
 
 __all__ = ["describe_device", "evaluate_run"]
@@ -102,13 +102,23 @@ def evaluate_run(
             raise PipelineError(f"{run} does not record its data; pass --data")
         data = run_data["name"]
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None and (out_dir / "metrics.json").exists() and not force:
-        raise PipelineError(f"{out_dir / 'metrics.json'} already exists; use --force to overwrite or choose another --out")
+    if out_dir is not None:  # checked before any prediction: a bad --out fails at once
+        check_writable_folder(out_dir)
+        if (out_dir / "metrics.json").exists() and not force:
+            raise PipelineError(f"{out_dir / 'metrics.json'} already exists; use --force to overwrite or choose another --out")
     if batch_size < 1:
         raise PipelineError(f"batch size must be >= 1, got {batch_size}")
 
-    ds = open_dataset(data, split, preset=run_data.get("preset"), size=run_data.get("size"),
-                      preset_config=run_data.get("preset_config"))
+    try:
+        ds = open_dataset(data, split, preset=run_data.get("preset"), size=run_data.get("size"),
+                          preset_config=run_data.get("preset_config"))
+    except (KeyError, TypeError) as e:  # a preset record that does not fit the preset: name the run
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise PipelineError(f"{run}: its recorded preset does not load ({msg})") from e
+    except ValueError as e:
+        if run_data.get("preset_config") and "preset" in str(e):
+            raise PipelineError(f"{run}: its recorded preset does not load ({e})") from e
+        raise
     desc = describe_dataset(ds)
     _check_data_matches_run(desc, run_data, f"{data_name(data)} ({split})")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_samples, num_workers=0)

@@ -22,7 +22,7 @@ from typing import Any
 
 from medanomaly.app.config import resolve_config
 from medanomaly.app.datasets import EVALUATION_SPLITS, data_name, describe_dataset, load_sources, open_dataset
-from medanomaly.app.errors import Echo, PipelineError, make_echo
+from medanomaly.app.errors import Echo, PipelineError, check_writable_folder, make_echo
 
 __all__ = ["TrainSummary", "param_diff", "train_run"]
 
@@ -117,6 +117,7 @@ def train_run(
     elif resume and not force:
         say(f"note: --resume: nothing to resume in {folder.path}; training from the start")
 
+    check_writable_folder(folder.path)  # an unwritable --out fails now, not after the data are loaded
     say(f"loading {split} data from {data_name(data)} ...")
     train = open_dataset(data, split, normal_only=True, preset=preset, size=size, max_cases=max_cases)
     desc = describe_dataset(train)

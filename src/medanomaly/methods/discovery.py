@@ -28,8 +28,11 @@ class MethodDiscoveryError(ImportError):
 
 def _scan() -> dict[str, str]:
     import importlib.metadata as md
+    import sys
 
-    import medanomaly.methods as pkg
+    # the parent package, initialised by the time the registry is asked (methods/__init__ imports base, which
+    # imports this module lazily): read from sys.modules rather than imported, so there is no import cycle
+    pkg = sys.modules[__package__ or "medanomaly.methods"]
 
     index: dict[str, str] = {}
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
