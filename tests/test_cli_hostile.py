@@ -357,7 +357,8 @@ def test_evaluate_out_is_an_existing_file(run2d: Path, data2d: Path, tmp_path: P
     f = tmp_path / "taken.txt"
     f.write_text("x")
     res = invoke("evaluate", run2d, "--data", data2d, "--out", f, "--quiet", ok=False)
-    refused("evaluate --out", "--out is an existing file", res, "taken.txt", "already exists", "not a folder")  # refused before any prediction
+    # refused before any prediction
+    refused("evaluate --out", "--out is an existing file", res, "taken.txt", "already exists", "not a folder")
     assert f.read_text() == "x"
 
 
