@@ -160,3 +160,13 @@ def test_no_private_names_imported_across_modules() -> None:
                     if _private(part) and not (inside == package or inside.startswith(package + ".")):
                         bad.append(f"{where}: private module {t} from outside {package}")
     assert bad == []
+
+
+def test_removed_modules_stay_gone() -> None:
+    """The split files of the core redesign: nothing imports the old two-job modules any more."""
+    removed = {"medanomaly.pipeline", "medanomaly.data.preprocess", "medanomaly.evaluation.report"}
+    assert not any(m in MODULES for m in removed)
+    root = SRC.parents[1]
+    users = [f"{p.relative_to(root)}:{imp.lineno}" for d in ("src", "tests", "benchmarks") for p in (root / d).rglob("*.py")
+             for imp in _imports(p) if imp.module in removed or any(f"{imp.module}.{n}" in removed for n in imp.names)]
+    assert users == []
