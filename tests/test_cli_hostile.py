@@ -159,6 +159,18 @@ def _png(data2d: Path) -> Path:
 K_RUN = "run folder (predict)"
 
 
+def _deny_mkdir(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make creating anything below ``folder`` fail as the OS does without permission (root writes anywhere)."""
+    real = pathlib.Path.mkdir
+
+    def mkdir(self: Path, *a: Any, **k: Any) -> None:
+        if str(self).startswith(str(folder)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+
+
 def test_run_config_alias_bomb(run2d: Path, data2d: Path, tmp_path: Path) -> None:
     run = _copy(run2d, tmp_path / "run")
     text = (run / "config.yaml").read_text()
@@ -373,14 +385,7 @@ def test_predict_out_not_writable(run2d: Path, data2d: Path, tmp_path: Path, mon
             ro.chmod(0o755)
         refused(K_OUT, "--out in a read-only folder", res, "readonly/maps", "permission denied")
     # root writes anywhere: the same refusal as the OS gives it, from mkdir
-    real = pathlib.Path.mkdir
-
-    def mkdir(self: Path, *a: Any, **k: Any) -> None:
-        if str(self).startswith(str(ro)):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        real(self, *a, **k)
-
-    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    _deny_mkdir(monkeypatch, ro)
     res = invoke("predict", run2d, _png(data2d), "--out", ro / "maps", ok=False)
     refused(K_OUT, "--out where mkdir raises PermissionError", res, "readonly/maps", "permission denied", "PermissionError")
 
@@ -450,14 +455,7 @@ def test_train_out_is_a_file_or_not_writable(data2d: Path, tmp_path: Path, monke
     refused(K_TRAIN, "--out is an existing file", res, "taken.txt", "not a folder")
     ro = tmp_path / "readonly"
     ro.mkdir()
-    real = pathlib.Path.mkdir
-
-    def mkdir(self: Path, *a: Any, **k: Any) -> None:
-        if str(self).startswith(str(ro)):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        real(self, *a, **k)
-
-    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    _deny_mkdir(monkeypatch, ro)
     res = invoke("train", "intensity", "--data", data2d, "--out", ro / "run", "--size", SIZE, "--quiet", ok=False)
     refused(K_TRAIN, "--out where mkdir raises PermissionError", res, "readonly/run", "permission denied")
 
