@@ -211,7 +211,7 @@ def test_multitask_fit_on_other_data_does_not_reuse_members(tmp_path: Path) -> N
     rec = json.loads((work / names[0] / "member.json").read_text())
     assert rec["data_fingerprint"] == dataset_fingerprint(TRAIN)
     params = get_method_class("multitask").config_set("test")
-    with pytest.warns(UserWarning, match="not reused: trained with other training data"):
+    with pytest.warns(UserWarning, match="not resuming.*the training data differ"):
         b = get_method("multitask", **params).fit(data_b, VAL, context=RunContext(work_dir=work, resume=True, quiet=True))
     fresh_b = _fit("multitask", tmp_path / "fresh", data=data_b)
     _assert_identical(b, fresh_b)

@@ -79,7 +79,9 @@ def test_fit_with_planted_work_dir_never_unpickles(method: str, marker: Path, tm
     assert any(t.parent.name == "checkpoints" for t in targets), f"{method} wrote no checkpoint"
     evil = tmp_path / "evil"
     for t in targets:
-        _plant(evil / t, marker)
+        if t.name != "fit_key.json":  # a planted key only stops the resume (next test); plant everything else
+            _plant(evil / t, marker)
+    (evil / "fit_key.json").write_text((tmp_path / "clean" / "fit_key.json").read_text())  # as if the same fit
     with pytest.warns(UserWarning) as rec:  # every planted file is reported, then training starts afresh
         det = get_method(method, **get_method_class(method).config_set("test")).fit(
             TRAIN, VAL, context=RunContext(work_dir=evil, resume=True, quiet=True))
@@ -87,6 +89,17 @@ def test_fit_with_planted_work_dir_never_unpickles(method: str, marker: Path, tm
     said = " ".join(str(w.message) for w in rec)
     if method != "multitask":  # multitask clears a member folder of unknown settings before training looks at it
         assert "pickle checkpoint" in said and "never loaded" in said
+
+
+def test_planted_fit_key_stops_the_resume(marker: Path, tmp_path: Path) -> None:
+    _quiet_fit("autoencoder", TRAIN, tmp_path / "clean")
+    evil = tmp_path / "evil"
+    for t in _targets(tmp_path / "clean"):
+        _plant(evil / t, marker)
+    with pytest.warns(UserWarning, match="not resuming.*fit_key.json is unreadable"):
+        get_method("autoencoder", **get_method_class("autoencoder").config_set("test")).fit(
+            TRAIN, VAL, context=RunContext(work_dir=evil, resume=True, quiet=True))
+    assert not marker.exists()
 
 
 def test_train_run_resume_on_planted_checkpoints(marker: Path, tmp_path: Path) -> None:

@@ -272,9 +272,12 @@ class Detector(ABC):
         return self
 
     def _check_work_dir(self, train: Any) -> None:
-        """Key the work dir's checkpoints on (method, parameters, training data): resuming another fit's checkpoints
-        is refused, and a fresh fit (``resume=False``) starts over whatever the folder holds."""
+        """Key the work dir's checkpoints on (method, parameters, training data). Resuming them is for the same fit
+        only: checkpoints of another fit (or of unknown origin) are not resumed, with a warning saying why, and this
+        fit starts afresh (its checkpoints replace them)."""
+        import dataclasses
         import json
+        import warnings
 
         from medanomaly.data.fingerprint import dataset_fingerprint
         from medanomaly.run_folder import FIT_KEY_FILE, plain
@@ -285,15 +288,21 @@ class Detector(ABC):
         key = {"method": self.name, "params": json.loads(json.dumps(plain(self.params), default=str)),
                "data": ctx.data_fingerprint or dataset_fingerprint(train)}
         path = ctx.work_dir / FIT_KEY_FILE
-        if ctx.resume and path.is_file():
+        if ctx.resume and path.exists():
             try:
                 old = json.loads(path.read_text())
-            except (OSError, ValueError):
-                old = None
+            except (OSError, ValueError, UnicodeDecodeError):
+                old = "unreadable"
             if old != key:
-                what = "the training data" if isinstance(old, dict) and old.get("params") == key["params"] else "the settings"
-                raise ValueError(f"{self.name}: {ctx.work_dir} holds checkpoints of another fit ({what} differ); "
-                                 "resume only the same fit, or use another work dir / resume=False")
+                if not isinstance(old, dict):
+                    why = f"its {FIT_KEY_FILE} is unreadable"
+                elif old.get("method") != key["method"] or old.get("params") != key["params"]:
+                    why = "the settings differ"
+                else:
+                    why = "the training data differ"
+                warnings.warn(f"{self.name}: not resuming: {ctx.work_dir} holds checkpoints of another fit ({why}); "
+                              "training afresh", stacklevel=3)
+                self.context_ = dataclasses.replace(ctx, resume=False)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(key, sort_keys=True))
 
