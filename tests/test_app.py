@@ -129,3 +129,45 @@ def test_extra_sources_are_training_data_only(tmp_path: Path, monkeypatch: pytes
     assert s.config["sources"] == {}
     with pytest.raises(PipelineError, match="evaluation data"):
         train_run("intensity", "lgg-flair-2d", tmp_path / "run2", split="test", quiet=True)
+
+
+def test_one_reader_for_every_parameter_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's case: ``{mae: {num_layers: 2}}`` for method ``mae`` is its ``mae.num_layers`` parameter, read the
+    same way by a --config file and a shipped config set (one reader, no guessing by method names)."""
+    from medanomaly.methods import get_method_class
+    from medanomaly.param_files import ParamFileError, read_param_file
+
+    f = tmp_path / "c.yaml"
+    f.write_text("mae: {num_layers: 2}\n")
+    params, _ = resolve_config("mae", config_file=f)
+    assert params["mae"]["num_layers"] == 2
+    cls = get_method_class("mae")
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "x.yaml").write_text(f.read_text())
+    monkeypatch.setattr(cls, "_configs_folder", classmethod(lambda c: folder))
+    assert cls.config_set("x") == {"mae": {"num_layers": 2}}
+    # per-method sections need the explicit 'methods:' key; another method's section is None, not a guess
+    (folder / "y.yaml").write_text("methods: {intensity: {sign: -1}}\n")
+    assert read_param_file(folder / "y.yaml", "mae") is None and cls.config_sets() == ["x"]
+    assert read_param_file(folder / "y.yaml", "intensity") == ({"sign": -1}, {})
+    (folder / "z.yaml").write_text("methods: {intensity: {}}\nsign: 1\n")
+    with pytest.raises(ParamFileError, match="holds nothing else"):
+        read_param_file(folder / "z.yaml", "intensity")
+
+
+def test_seed_is_part_of_the_contract(tmp_path: Path) -> None:
+    """--seed reaches every method (the base fit seeds from params['seed']); a method without one cannot register."""
+    from medanomaly.methods import list_methods
+    from medanomaly.methods.base import Detector, register
+
+    for m in list_methods():
+        params, _ = resolve_config(m, overrides={"seed": 7})
+        assert params["seed"] == 7, m
+
+    class NoSeed(Detector):
+        name = "no-seed-method"
+        defaults = {"x": 1}
+
+    with pytest.raises(ValueError, match="int 'seed'"):
+        register(NoSeed)
