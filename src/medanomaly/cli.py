@@ -151,6 +151,9 @@ def predict(
     allow_irregular_spacing: Annotated[bool, typer.Option(
         "--allow-irregular-spacing", help="Resample a DICOM series with uneven slice steps onto its median step "
         "instead of refusing it.")] = False,
+    threshold: Annotated[str | None, typer.Option(
+        "--threshold", "-t", help="fpr=P (voxel false-positive rate on the healthy validation images), image-fpr=P "
+        "(image decision), a number, or fpr=P,image-fpr=Q: writes <name>_mask and <name>_components.csv.")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -164,11 +167,14 @@ def predict(
         medanomaly predict runs/ae scan1.nii.gz scan2.nii.gz --out maps/
 
         medanomaly predict runs/ae slice_012.png --out maps/
+
+        medanomaly predict runs/ae scan1.nii.gz --out maps/ --threshold fpr=0.01,image-fpr=0.05
     """
     from medanomaly.app.predict import predict_files
 
     with _errors():
-        written = predict_files(run, inputs, out, force=force, quiet=quiet, allow_irregular_spacing=allow_irregular_spacing)
+        written = predict_files(run, inputs, out, force=force, quiet=quiet, allow_irregular_spacing=allow_irregular_spacing,
+                                threshold=threshold)
         typer.echo(f"wrote {len(written)} map(s) to {out}")
 
 
@@ -179,6 +185,8 @@ def evaluate(
     data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset name or manifest (default: the run's).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per predict call.")] = 16,
+    threshold: Annotated[str | None, typer.Option(
+        "--threshold", "-t", help="The calibrated rule for the calibrated_* metrics (default fpr=0.01,image-fpr=0.05).")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -195,8 +203,9 @@ def evaluate(
     from medanomaly.app.evaluate import evaluate_run
 
     with _errors():
-        m = evaluate_run(run, data, out, split=split, batch_size=batch_size, force=force, quiet=quiet)
-        keys = ("pixel_ap", "pixel_auroc", "best_dice", "sample_ap", "sample_auroc", "seconds_per_image", "device")
+        m = evaluate_run(run, data, out, split=split, batch_size=batch_size, force=force, quiet=quiet, threshold=threshold)
+        keys = ("pixel_ap", "pixel_auroc", "best_dice", "calibrated_dice", "sample_ap", "sample_auroc", "seconds_per_image",
+                "device")
         typer.echo("  ".join(f"{k}={_fmt(m.get(k))}" for k in keys))
         if m.get("report"):
             typer.echo(f"report: {m['report']}")

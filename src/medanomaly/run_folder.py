@@ -9,6 +9,8 @@ A run folder holds
 - ``state.json``          small non-tensor fitted state
 - ``versions.json``       package and library versions, the seed
 - ``train_log.jsonl``     the training log, when the method trains
+- ``calibration.json``    when the pipeline trained it: the healthy validation map/image score quantiles that
+  ``predict --threshold`` and ``evaluate`` turn into thresholds (:mod:`medanomaly.app.calibrate`)
 - ``checkpoints/``        resumable training state while (and after) training runs
 - ``request.yaml``        while training runs: what was asked for (``--resume`` checks it is asked the same)
 - ``fit_key.json``        what the checkpoints belong to (method, parameters, training-data fingerprint)
@@ -31,6 +33,7 @@ from typing import Any
 from medanomaly.training.atomic import atomic_write_bytes, atomic_write_text, clean_stale_tmp
 
 __all__ = [
+    "CALIBRATION_FILE",
     "CONFIG_FILE",
     "FINISHED_FILE",
     "FIT_KEY_FILE",
@@ -50,14 +53,16 @@ WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.json"
 VERSIONS_FILE = "versions.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
+CALIBRATION_FILE = "calibration.json"
 REQUEST_FILE = "request.yaml"
 FINISHED_FILE = "finished.json"
 #: what the checkpoints in a work dir belong to (method, parameters, training-data fingerprint); see Detector.fit
 FIT_KEY_FILE = "fit_key.json"
 CHECKPOINTS = "checkpoints"
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE, REQUEST_FILE, FINISHED_FILE, FIT_KEY_FILE)
-#: the files a finished run's marker hashes (the training log is optional)
-_HASHED = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE)
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE, CALIBRATION_FILE, REQUEST_FILE, FINISHED_FILE,
+             FIT_KEY_FILE)
+#: the files a finished run's marker hashes (the training log and the calibration are optional)
+_HASHED = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, VERSIONS_FILE, TRAIN_LOG_FILE, CALIBRATION_FILE)
 _MAX_CONFIG_BYTES = 1_000_000
 
 
@@ -208,9 +213,10 @@ class RunFolder:
         state: dict[str, Any],
         versions: dict[str, Any],
         train_log: list[dict[str, Any]] | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         """Write every file of a finished run, then the finished marker last (a kill before it leaves an unfinished
-        run, never a half-finished one that looks done)."""
+        run, never a half-finished one that looks done). ``calibration``: the healthy score record, when given."""
         import yaml
         from safetensors.torch import save as st_save
 
@@ -227,6 +233,10 @@ class RunFolder:
             atomic_write_text(self.path / TRAIN_LOG_FILE, "".join(json.dumps(plain(r)) + "\n" for r in train_log))
         else:
             (self.path / TRAIN_LOG_FILE).unlink(missing_ok=True)
+        if calibration is not None:
+            atomic_write_text(self.path / CALIBRATION_FILE, json.dumps(plain(calibration), indent=1))
+        else:
+            (self.path / CALIBRATION_FILE).unlink(missing_ok=True)
         hashes = {n: _sha256(self.path / n) for n in _HASHED if (self.path / n).is_file()}
         atomic_write_text(self.path / FINISHED_FILE, json.dumps({"files": hashes}, indent=1))
         (self.path / REQUEST_FILE).unlink(missing_ok=True)  # after the marker: a kill before it stays resumable
@@ -332,6 +342,25 @@ class RunFolder:
         if bad:
             warnings.warn(f"{log}: {bad} unreadable line(s) skipped", stacklevel=2)
         return out
+
+    def read_calibration(self) -> dict[str, Any] | None:
+        """``calibration.json`` (None for a run written without one), checked: voxel and image records with
+        quantiles. Its hash is checked by :meth:`require_finished`."""
+        cpath = self.path / CALIBRATION_FILE
+        if not cpath.is_file():
+            return None
+        try:
+            rec = json.loads(cpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{cpath}: not valid JSON ({e})") from e
+        ok = isinstance(rec, dict) and isinstance(rec.get("source"), str) and all(
+            isinstance(rec.get(k), dict) and isinstance(rec[k].get("n"), int) and isinstance(rec[k].get("quantiles"), list)
+            and rec[k]["quantiles"] and all(isinstance(q, dict) and isinstance(q.get("fpr"), float)
+                                            and isinstance(q.get("value"), int | float) for q in rec[k]["quantiles"])
+            for k in ("voxel", "image"))
+        if not ok:
+            raise RunFolderError(f"{cpath}: not a calibration record (needs source and voxel/image quantiles)")
+        return rec
 
     def read_versions(self) -> dict[str, Any]:
         vpath = self.path / VERSIONS_FILE

@@ -24,6 +24,10 @@ __all__ = ["describe_device", "evaluate_run"]
 
 _PIXEL_KEYS = ("pixel_ap", "pixel_auroc", "best_dice", "best_threshold")
 _SAMPLE_KEYS = ("sample_ap", "sample_auroc")
+_CAL_PIXEL_KEYS = ("calibrated_dice", "calibrated_precision", "calibrated_recall", "calibrated_fpr")
+_CAL_SAMPLE_KEYS = ("calibrated_accuracy", "calibrated_sensitivity", "calibrated_specificity")
+#: the calibrated rule ``evaluate`` reports without ``--threshold``
+DEFAULT_THRESHOLD = "fpr=0.01,image-fpr=0.05"
 
 
 def describe_device(det: Any = None) -> str:
@@ -82,10 +86,15 @@ def evaluate_run(
     quiet: bool = False,
     echo: Echo | None = None,
     report: bool = True,
+    threshold: str | None = None,
 ) -> dict[str, Any]:
     """Predict a whole split of ``data`` (default: the run's own data) and write ``metrics.json`` + ``report.html``.
 
-    ``seconds_per_image`` times ``predict`` only (no data loading).
+    ``seconds_per_image`` times ``predict`` only (no data loading). Besides the best-achievable DICE, the
+    ``calibrated_*`` metrics at the run's healthy-calibrated ``threshold`` (default :data:`DEFAULT_THRESHOLD`; see
+    :func:`medanomaly.evaluation.calibration.parse_threshold`): DICE/precision/recall/FPR of ``score > t`` over the
+    same foreground pixels, and the image decision's accuracy/sensitivity/specificity. A run without calibration
+    gets them as NaN with the reason (an explicit calibrated ``threshold`` is an error then).
     """
     import torch
     from tqdm.auto import tqdm
@@ -108,6 +117,7 @@ def evaluate_run(
             raise PipelineError(f"{out_dir / 'metrics.json'} already exists; use --force to overwrite or choose another --out")
     if batch_size < 1:
         raise PipelineError(f"batch size must be >= 1, got {batch_size}")
+    thr = _calibrated_threshold(run, threshold)
 
     try:
         ds = open_dataset(data, split, preset=run_data.get("preset"), size=run_data.get("size"),
@@ -201,6 +211,7 @@ def evaluate_run(
     else:
         only = "abnormal" if classes == {1} else "normal"
         _undefined(metrics, _SAMPLE_KEYS, f"all labelled images are {only}: sample AP/AUROC need both classes")
+    _calibrated_metrics(metrics, thr, S, M, F, HM, IS, L)
     metrics.update(
         {
             "seconds_per_image": predict_seconds / max(n, 1),
@@ -245,6 +256,61 @@ def evaluate_run(
             atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
         say(f"metrics: {out_dir / 'metrics.json'}" + (f"\nreport:  {metrics['report']}" if metrics.get("report") else ""))
     return metrics
+
+
+def _calibrated_threshold(run: str | Path, threshold: str | None) -> dict[str, Any] | None:
+    """The numbers of the calibrated rule (None: the default rule on a run without calibration)."""
+    from medanomaly.evaluation.calibration import parse_threshold, resolve_threshold
+    from medanomaly.run_folder import RunFolder
+
+    try:
+        rule = parse_threshold(threshold if threshold is not None else DEFAULT_THRESHOLD)
+        calibration = RunFolder(run).read_calibration()
+        if calibration is None and threshold is None:
+            return None
+        return resolve_threshold(rule, calibration, where=str(run))
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+
+
+def _calibrated_metrics(metrics: dict[str, Any], thr: dict[str, Any] | None, S: np.ndarray, M: np.ndarray, F: np.ndarray,
+                        HM: np.ndarray, IS: np.ndarray, L: np.ndarray) -> None:
+    """``calibrated_*``: the pixel metrics at the voxel threshold (images with a mask, foreground pixels) and the
+    image decision at the image threshold (labelled images)."""
+    from medanomaly.evaluation.calibration import decision_metrics, voxel_metrics_at
+
+    if thr is None:
+        _undefined(metrics, ("calibrated_threshold", *_CAL_PIXEL_KEYS, "calibrated_image_threshold", *_CAL_SAMPLE_KEYS),
+                   "the run has no calibration (trained before calibration was recorded): re-train it or pass "
+                   "--threshold with a number")
+        return
+    metrics["calibrated_rule"], metrics["calibrated_image_rule"] = thr["voxel_rule"], thr["image_rule"]
+    t, it = thr["voxel_threshold"], thr["image_threshold"]
+    if t is not None:
+        metrics["calibrated_threshold"] = float(t)
+        sel = HM.astype(bool)
+        if sel.any():
+            vm = voxel_metrics_at(S[sel], M[sel], F[sel], t)
+            for k in _CAL_PIXEL_KEYS:
+                metrics[k] = vm[k.removeprefix("calibrated_")]
+            metrics["calibrated_voxels_above"] = vm["tp"] + vm["fp"]
+            bad = tuple(k for k in _CAL_PIXEL_KEYS if not math.isfinite(metrics[k]))
+            if bad:
+                _undefined(metrics, bad, "0/0 at the calibrated threshold (no lesion voxel and no voxel above it?)")
+        else:
+            _undefined(metrics, _CAL_PIXEL_KEYS, "no image of this split has a lesion mask")
+    if it is not None:
+        metrics["calibrated_image_threshold"] = float(it)
+        known = L >= 0
+        if known.any():
+            dm = decision_metrics(IS[known], L[known], it)
+            for k in _CAL_SAMPLE_KEYS:
+                metrics[k] = dm[k.removeprefix("calibrated_")]
+            bad = tuple(k for k in _CAL_SAMPLE_KEYS if not math.isfinite(metrics[k]))
+            if bad:
+                _undefined(metrics, bad, "the labelled images hold only one class")
+        else:
+            _undefined(metrics, _CAL_SAMPLE_KEYS, "no image labels")
 
 
 def _write_report(out_dir: Path, metrics: dict[str, Any], settings: dict[str, Any], **arrays: Any) -> Path:

@@ -118,6 +118,57 @@ def _read(path: Path, preset: Any, allow_irregular_spacing: bool = False) -> Any
     return ld
 
 
+def _threshold(run: str | Path, spec: str | None) -> tuple[Any, dict[str, Any]]:
+    """The parsed ``--threshold`` and its numbers from the run's calibration ((None, {}) without one)."""
+    if spec is None:
+        return None, {}
+    from medanomaly.evaluation.calibration import parse_threshold, resolve_threshold
+    from medanomaly.run_folder import RunFolder
+
+    try:
+        rule = parse_threshold(spec)
+        return rule, resolve_threshold(rule, RunFolder(run).read_calibration(), where=str(run))
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+
+
+def _csv_fields(*values: Any) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(["" if v is None else v for v in values])
+    return buf.getvalue()
+
+
+def _threshold_outputs(thr: dict[str, Any], amap: np.ndarray, fg: np.ndarray, score: float, ld: Any, out: Path,
+                       stem: str) -> str:
+    """Write the mask and components table of one input (with a voxel rule); the scores.csv fields."""
+    from medanomaly.data.io import write_nifti_mask
+    from medanomaly.evaluation.calibration import components_table
+    from medanomaly.training.atomic import atomic_write_text
+
+    t, n_above = thr["voxel_threshold"], None
+    if t is not None:
+        mask = (amap > t) & fg
+        n_above = int(mask.sum())
+        if amap.ndim == 3 or ld.meta.get("format") == "nifti":
+            write_nifti_mask(mask, ld, out / f"{stem}_mask.nii.gz")
+        if amap.ndim == 2:
+            from PIL import Image
+
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
+        table = components_table(mask, amap, ld.affine)
+        cols = ["component", "voxels", "volume_ml", "peak_score", "mean_score", "centroid_x_mm", "centroid_y_mm",
+                "centroid_z_mm"]
+        lines = [",".join(cols)] + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+                                    for r in table]
+        atomic_write_text(out / f"{stem}_components.csv", "\n".join(lines) + "\n")
+    it = thr["image_threshold"]
+    return _csv_fields("" if t is None else f"{t:.6g}", thr["voxel_rule"], n_above, "" if it is None else f"{it:.6g}",
+                       thr["image_rule"], "" if it is None else str(score > it).lower())
+
+
 def predict_files(
     run: str | Path,
     inputs: Sequence[str | Path],
@@ -128,6 +179,7 @@ def predict_files(
     quiet: bool = False,
     echo: Echo | None = None,
     allow_irregular_spacing: bool = False,
+    threshold: str | None = None,
 ) -> list[Path]:
     """Anomaly maps for image files, written in each input's own geometry.
 
@@ -138,6 +190,13 @@ def predict_files(
     ``<name>_overlay.png`` for all, and ``scores.csv`` (image score per input; when an input fails, for the
     inputs done before it). ``allow_irregular_spacing``: a DICOM series with uneven slice steps is resampled onto
     its median step (the map is written on that regular grid) instead of refused. Returns the map paths.
+
+    ``threshold`` (:func:`medanomaly.evaluation.calibration.parse_threshold`): ``fpr=P`` or a number gives the voxel
+    threshold; beside each map go ``<name>_mask.nii.gz`` (NIfTI/volume inputs, the input's affine, uint8) or
+    ``<name>_mask.png`` (2D) and ``<name>_components.csv``; ``image-fpr=P`` gives the image decision (``abnormal``
+    in ``scores.csv``). A voxel is in the mask when its score is ``>`` the threshold *and* it is in the preset's
+    foreground put back on the input's grid (the voxels the calibration counted): background and the slices a 2D
+    run drops are never in the mask, also for thresholds <= 0.
     """
     from tqdm.auto import tqdm
 
@@ -149,6 +208,7 @@ def predict_files(
     det, cfg = load_run(run)
     run_data = cfg.get("data") or {}
     preset = _run_preset(cfg, run)
+    rule, thr = _threshold(run, threshold)
     want_shape = [int(s) for s in run_data.get("image_shape") or []]
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -166,6 +226,8 @@ def predict_files(
     planned = [out / "scores.csv"]
     for s in stems:
         planned += [out / f"{s}_anomaly.nii.gz", out / f"{s}_anomaly.png", out / f"{s}_overlay.png"]
+        if rule is not None and rule.has_voxel:
+            planned += [out / f"{s}_mask.nii.gz", out / f"{s}_mask.png", out / f"{s}_components.csv"]
     existing = [q for q in planned if q.exists()]
     if existing and not force:
         raise PipelineError(f"{existing[0]} already exists; use --force to overwrite or choose another --out")
@@ -174,7 +236,8 @@ def predict_files(
     from medanomaly.training.atomic import atomic_write_text
 
     written: list[Path] = []
-    rows = ["input,image_score,map,map_min,map_max"]
+    rows = ["input,image_score,map,map_min,map_max" + (",threshold,threshold_rule,voxels_above,image_threshold,image_rule,"
+                                                        "abnormal" if rule is not None else "")]
     try:
         for path, stem in tqdm(list(zip(inputs, stems, strict=True)), desc="predict", disable=quiet, dynamic_ncols=True,
                                leave=False, delay=0.5):  # delay: a quick error prints no bar before it
@@ -190,6 +253,7 @@ def predict_files(
                 # only the slices the preset keeps are scored (datasets drop the others from every split)
                 maps, scores = predict_arrays(det, st.images[keep], st.foreground[keep], batch_size)
                 amap = preset.invert(maps, st.meta)  # the input volume's grid; dropped slices get 0
+                fg_in = preset.invert(st.foreground[keep].astype(bool), st.meta, mode="nearest") if rule is not None else None
                 score = float(scores.max())
                 target = write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
             else:
@@ -201,6 +265,7 @@ def predict_files(
                 maps, scores = predict_arrays(det, pre.image[None], pre.foreground[None], 1)
                 score = float(scores[0])
                 amap = preset.invert(maps[0], pre.meta)
+                fg_in = preset.invert(np.asarray(pre.foreground, bool), pre.meta, mode="nearest") if rule is not None else None
                 if arr.ndim == 3:
                     target = write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
                 else:
@@ -211,7 +276,10 @@ def predict_files(
             save_overlay_png(_display(arr), amap, None, out / f"{stem}_overlay.png", slice_index=k,
                              title=f"{stem}: score {score:.4g}" + (f" (slice {k})" if k is not None else ""))
             written.append(Path(target))
-            rows.append(f"{path},{score:.6g},{Path(target).name},{float(amap.min()):.6g},{float(amap.max()):.6g}")
+            row = f"{path},{score:.6g},{Path(target).name},{float(amap.min()):.6g},{float(amap.max()):.6g}"
+            if rule is not None:
+                row += "," + _threshold_outputs(thr, amap, np.asarray(fg_in) > 0.5, score, ld, out, stem)
+            rows.append(row)
     finally:  # the inputs done before a failing one keep their scores
         if written:
             atomic_write_text(out / "scores.csv", "\n".join(rows) + "\n")

@@ -8,6 +8,9 @@ The run folder (:class:`medanomaly.run_folder.RunFolder`) gets ``config.yaml`` w
 - ``train``: the seed, the config set / file and ``--set`` overrides, the training time;
 - ``sources``: extra training data the method asked for (e.g. amae's unlabeled pool), as loaded.
 
+and ``calibration.json``: the run's foreground voxel and image score quantiles on the healthy validation images (or,
+recorded as such, the training images without one), for ``predict --threshold`` and ``evaluate``.
+
 While training runs, ``request.yaml`` holds what was asked for, with the data fingerprint; ``--resume`` continues
 only when it is asked exactly the same (same parameters and the same training images). Resuming is never a default.
 """
@@ -165,6 +168,16 @@ def train_run(
     det.fit(train, val, context=RunContext(work_dir=folder.path, resume=resume, quiet=quiet, data_fingerprint=fingerprint),
             **sources)
     seconds = time.perf_counter() - t0
+    from medanomaly.app.calibrate import healthy_calibration
+
+    # healthy-only thresholds for predict/evaluate: the validation images, else (said so) the training images
+    if val is not None:
+        calibration = healthy_calibration(det, val, source=f"validation split '{val_split}' (healthy images)")
+    else:
+        calibration = healthy_calibration(det, train, source=f"training split '{split}' (healthy images)",
+                                          note="no validation split: calibrated on the training images, so thresholds "
+                                               "are likely too low (training scores are optimistic)")
+    say(f"calibrated on {calibration['n_images']} healthy images ({calibration['voxel']['n']} foreground voxels)")
 
     sections = {
         "data": {
@@ -193,7 +206,7 @@ def train_run(
         },
         "sources": sources_record,
     }
-    det.save(folder.path, sections=sections)
+    det.save(folder.path, sections=sections, calibration=calibration)
     cfg = folder.read_config()
     say(f"saved run to {folder.path} ({seconds:.1f} s)")
     return TrainSummary(folder.path, method, seconds, len(train), len(val) if val is not None else 0, resumed, False, cfg)

@@ -40,6 +40,7 @@ __all__ = [
     "check_array",
     "apply_window",
     "write_nifti_map",
+    "write_nifti_mask",
     "write_png_map",
     "save_overlay_png",
     "resample_to_reference",
@@ -632,6 +633,23 @@ def write_nifti_map(
             raise DataError(f"{path}: reference must be a Loaded image or a 4x4 affine, got shape {ref_aff.shape}")
     path = Path(path)
     img = nib.Nifti1Image(a, ref_aff)
+    img.header.set_xyzt_units("mm")
+    with _writing(path):
+        nib.save(img, str(path))
+    return path
+
+
+def write_nifti_mask(mask: np.ndarray | Any, reference: Loaded, path: str | Path) -> Path:
+    """Save a binary mask (uint8 0/1) as NIfTI with the shape and affine of ``reference`` (no resampling)."""
+    import nibabel as nib
+
+    from medanomaly.data.arrays import to_numpy
+
+    m = np.asarray(to_numpy(mask)).astype(bool)
+    if m.shape != reference.shape:
+        raise DataError(f"{path}: mask shape {m.shape} differs from the reference image shape {reference.shape}")
+    path = Path(path)
+    img = nib.Nifti1Image(m.astype(np.uint8), reference.affine)
     img.header.set_xyzt_units("mm")
     with _writing(path):
         nib.save(img, str(path))

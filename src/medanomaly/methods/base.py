@@ -363,10 +363,12 @@ class Detector(ABC):
         if not self.is_fitted:
             raise RuntimeError(f"{self.name}: call fit() (or load a run folder) before predict()")
 
-    def save(self, run_dir: str | Path, *, sections: dict[str, Any] | None = None) -> Path:
+    def save(self, run_dir: str | Path, *, sections: dict[str, Any] | None = None,
+             calibration: dict[str, Any] | None = None) -> Path:
         """Write the run folder (config, weights, state, versions, training log, then the finished marker).
 
-        ``sections``: more top-level sections of ``config.yaml`` (the pipeline's ``data``, ``train``, ``sources``).
+        ``sections``: more top-level sections of ``config.yaml`` (the pipeline's ``data``, ``train``, ``sources``);
+        ``calibration``: the healthy score record (``calibration.json``, :mod:`medanomaly.app.calibrate`).
         Every file is written once, atomically; see :mod:`medanomaly.run_folder`.
         """
         from medanomaly.run_folder import RunFolder
@@ -381,7 +383,7 @@ class Detector(ABC):
         versions["seed"] = self.params.get("seed")
         folder = RunFolder(run_dir)
         folder.write(config={"method": self.name, "params": self.params, **extra}, tensors=self.state_tensors(),
-                     state=self.extra_state(), versions=versions, train_log=self.train_log)
+                     state=self.extra_state(), versions=versions, train_log=self.train_log, calibration=calibration)
         return folder.path
 
     @classmethod
