@@ -4,7 +4,6 @@ atomic file writes, the page style."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +60,11 @@ def is_number(v: Any) -> bool:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write then rename (a reader never sees half a file), with ordinary permissions (a report is for people).
+    """Write ``data`` (text as UTF-8) atomically with the package's one atomic writer (a reader never sees half a
+    file; ordinary permissions, since a report is for people)."""
+    from medanomaly.training.atomic import atomic_write_bytes
 
-    Own helper rather than ``methods.base.atomic_write_bytes``: importing ``medanomaly.methods`` loads every method.
-    """
-    path = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 REPORT_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
