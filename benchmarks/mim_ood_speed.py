@@ -12,7 +12,9 @@ AR loop over every position).
 and summed instead of run whole: ``predict`` with no flagged token (encode, scoring, decode, residual, smoothing)
 plus one step of the AR loop (a forward pass of the (B*R)-row batch on the prefix, NLL test, sampling) at K prefix
 lengths spread over 1..N, interpolated linearly and summed over all N positions. ``--check-estimate`` also runs the
-real loop and prints both. Example::
+real loop and prints both. The AR baseline is timed twice: ``ar-restoration-naive`` (a forward over the whole prefix
+at every position, as in the paper's comparison) and ``ar-restoration`` (key/value cache: one token per position, the
+fair comparison; same tokens). ``--threads 0``: torch's default (all cores). Example::
 
     OMP_NUM_THREADS=1 python benchmarks/mim_ood_speed.py --config cpu-small --size 64 --batch 32
     OMP_NUM_THREADS=1 python benchmarks/mim_ood_speed.py --config paper --size 160 --batch 1 --no-warmup --ar-estimate 12
@@ -33,6 +35,8 @@ from medanomaly.methods.base import RunContext
 def build(method: str, config: str, size: int, device: str, r: int, t: int) -> object:
     from medanomaly.methods import get_method_class
 
+    naive = method == "ar-restoration-naive"
+    method = "ar-restoration" if naive else method
     cls = get_method_class(method)
     params = cls.config_set(config)
     params["device"] = device
@@ -47,6 +51,8 @@ def build(method: str, config: str, size: int, device: str, r: int, t: int) -> o
     det.token_used = torch.ones(int(det.params["tokenizer"]["num_embeddings"]), dtype=torch.bool)
     det.is_fitted = True
     det.set_context(RunContext(quiet=True))
+    if naive:
+        det.kv_cache = False
     return det
 
 
@@ -113,23 +119,25 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up predict (slow CPU runs of big models)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--skip-ar", action="store_true")
     p.add_argument("--ar-estimate", type=int, default=0, metavar="K",
                    help="estimate AR time from forward passes at K prefix lengths instead of running the loop")
     p.add_argument("--check-estimate", action="store_true", help="with --ar-estimate: also time the real AR loop")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = {}
-    for method in ("mim-ood", "token-critic", "ar-restoration"):
-        if method == "ar-restoration" and args.skip_ar:
+    for method in ("mim-ood", "token-critic", "ar-restoration", "ar-restoration-naive"):
+        is_ar = method.startswith("ar-")
+        if is_ar and args.skip_ar:
             continue
         det = build(method, args.config, args.size, args.device, args.R, args.T)
-        n = (args.ar_batch or args.batch) if method == "ar-restoration" else args.batch
+        n = (args.ar_batch or args.batch) if is_ar else args.batch
         x = torch.rand(n, 1, args.size, args.size)
         extra: dict = {}
-        if method == "ar-restoration" and args.ar_estimate:
+        if method == "ar-restoration-naive" and args.ar_estimate:
             extra = estimate_ar(det, x, args.ar_estimate)
             sec = extra.pop("seconds")
             extra["estimated"] = True
@@ -138,12 +146,16 @@ def main() -> None:
         else:
             sec = time_predict(det, x, args.repeats, warmup=not args.no_warmup)
         rows[method] = {"slices": n, "seconds": sec, "seconds_per_32": sec / n * 32, "slices_per_s": n / sec,
-                        "tokens": list(det.token_shape), "R": args.R, "T": args.T if method != "ar-restoration" else None,
-                        **extra}
+                        "tokens": list(det.token_shape), "R": args.R, "T": None if is_ar else args.T, **extra}
         print(method, json.dumps(rows[method]), flush=True)
     if "ar-restoration" in rows:
-        rows["ratio_ar_over_mim"] = rows["ar-restoration"]["seconds_per_32"] / rows["mim-ood"]["seconds_per_32"]
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else f"cpu x{args.threads}"
+        mim = rows["mim-ood"]["seconds_per_32"]
+        rows["ratio_naive_ar_over_mim"] = rows["ar-restoration-naive"]["seconds_per_32"] / mim
+        rows["ratio_cached_ar_over_mim"] = rows["ar-restoration"]["seconds_per_32"] / mim
+        rows["ratio_naive_over_cached_ar"] = (rows["ar-restoration-naive"]["seconds_per_32"]
+                                              / rows["ar-restoration"]["seconds_per_32"])
+    cpu = f"cpu x{torch.get_num_threads()}"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else cpu
     print(json.dumps({"config": args.config, "size": args.size, "device": dev, **rows}, indent=1))
 
 

@@ -165,3 +165,81 @@ def test_benchmark_shares_pretrained_mae(tmp_path: Path) -> None:
     b = load_file(str(out / "runs" / "mae-pseudo" / "weights.safetensors"))
     shared = [k for k in a if k.startswith("mae.") and k in b]
     assert shared and all(torch.equal(a[k], b[k]) for k in shared)
+
+
+# -- seeds --------------------------------------------------------------------------------------------------
+def test_aggregate_seeds_mean_std_and_table(tmp_path: Path) -> None:
+    from medanomaly.evaluation.table import aggregate_seeds, write_comparison_table
+
+    rows = [{"method": m, "seed": k, "pixel_ap": ap, "calibrated_dice": cd, "device": "cpu", "report": f"r{k}",
+             "reused_run": False, "n_test": 8}
+            for m, aps, cds in (("a", (0.1, 0.2, 0.3), (0.5, float("nan"), 0.7)), ("b", (0.4, 0.4, 0.4), (None,) * 3))
+            for k, ap, cd in zip((0, 1, 2), aps, cds, strict=True)]
+    agg = aggregate_seeds(rows)
+    assert [r["method"] for r in agg] == ["a", "b"] and agg[0]["seeds"] == "0,1,2" and agg[0]["n_seeds"] == 3
+    assert agg[0]["pixel_ap"] == pytest.approx(0.2) and agg[0]["pixel_ap_std"] == pytest.approx(0.1)  # ddof=1
+    assert agg[1]["pixel_ap_std"] == 0.0
+    assert agg[0]["calibrated_dice"] == pytest.approx(0.6)  # NaN seeds left out of the mean
+    assert agg[1]["calibrated_dice"] is None  # no value at all
+    assert agg[0]["device"] == "cpu" and "report" not in agg[0] and agg[0]["n_test"] == 8 and "n_test_std" not in agg[0]
+    assert "seed" not in agg[0] and agg[0]["reused_run"] is False
+    md, csv_path, _ = write_comparison_table(agg, tmp_path, csv_rows=rows)
+    text = md.read_text()
+    assert "**0.4 ± 0** |" in text.replace("0.4000", "0.4").replace(" ± 0.0000", " ± 0") or "**0.4" in text
+    assert "0.2" in text and "±" in text and "pixel_ap_std" not in text.splitlines()[0]
+    with open(csv_path) as f:
+        flat = list(csv.DictReader(f))
+    assert len(flat) == 6 and [r["seed"] for r in flat[:3]] == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="no 'method'"):
+        aggregate_seeds([{"x": 1}])
+
+
+def test_benchmark_seeds_runs_each_seed_and_aggregates(tmp_path: Path) -> None:
+    from medanomaly.app.benchmark import parse_seeds
+
+    assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_seeds(None) is None
+    for bad in ("0,x", "1,1", "-1"):
+        with pytest.raises(PipelineError, match="--seeds"):
+            parse_seeds(bad)
+    m = _write_manifest(tmp_path / "a", seed=7)
+    out = tmp_path / "bench"
+    kw = dict(config_set="test", quiet=True, batch_size=8, size=SIZE, seeds=[0, 1])
+    rows = run_benchmark(["intensity", "zscore"], str(m), out, **kw)
+    assert [(r["method"], r["seed"]) for r in rows] == [("intensity", 0), ("zscore", 0), ("intensity", 1), ("zscore", 1)]
+    for k in (0, 1):
+        cfg = yaml.safe_load((out / "runs" / f"seed-{k}" / "zscore" / "config.yaml").read_text())
+        assert cfg["params"]["seed"] == k and (out / "eval" / f"seed-{k}" / "zscore" / "metrics.json").exists()
+    cols = list(rows[0])
+    assert cols.index("best_dice") + 1 == cols.index("calibrated_dice")  # calibrated metrics beside best DICE
+    assert {"calibrated_precision", "calibrated_recall", "calibrated_fpr"} <= set(cols)
+    header = (out / "comparison.md").read_text().splitlines()[0]
+    assert "calibrated_dice" in header and "seeds" in header and "_std" not in header
+    assert (out / "comparison.md").read_text().count("±") >= 2 * 5
+    with open(out / "comparison.csv") as f:
+        assert [(r["method"], r["seed"]) for r in csv.DictReader(f)] == [(r["method"], str(r["seed"])) for r in rows]
+    rec = json.loads((out / "comparison.json").read_text())
+    assert rec["seeds"] == [0, 1] and len(rec["rows"]) == 4 and [r["n_seeds"] for r in rec["summary"]] == [2, 2]
+    rows = run_benchmark(["intensity", "zscore"], str(m), out, **kw)  # finished runs of each seed are reused
+    assert all(r["reused_run"] for r in rows)
+    with pytest.raises(PipelineError, match="either --seed or --seeds"):
+        run_benchmark(["intensity"], str(m), out, config_set="test", seed=0, seeds=[0, 1])
+    with pytest.raises(PipelineError, match="come from --seeds"):
+        run_benchmark(["zscore"], str(m), out, config_set="test", seeds=[0], overrides={"zscore": {"seed": 3}})
+
+
+def test_benchmark_seeds_share_within_a_seed_only(tmp_path: Path) -> None:
+    m = _write_manifest(tmp_path / "a", seed=5)
+    out = tmp_path / "bench"
+    rows = run_benchmark(["mae-pseudo", "mae"], str(m), out, config_set="test", quiet=True, batch_size=8, size=SIZE,
+                         seeds=[0, 1])
+    assert [r["shares"] for r in rows] == ["pre-trained MAE from mae", "", "pre-trained MAE from mae", ""]
+    mae = {}
+    for k in (0, 1):
+        run = out / "runs" / f"seed-{k}"
+        log = [json.loads(ln) for ln in (run / "mae-pseudo" / "train_log.jsonl").read_text().splitlines() if ln]
+        assert {r["loaded_from"] for r in log if r.get("loaded_from")} == {str(run / "mae")}  # this seed's MAE
+        mae[k] = load_file(str(run / "mae" / "weights.safetensors"))
+        b = load_file(str(run / "mae-pseudo" / "weights.safetensors"))
+        shared = [key for key in mae[k] if key.startswith("mae.") and key in b]
+        assert shared and all(torch.equal(mae[k][key], b[key]) for key in shared)
+    assert any(not torch.equal(mae[0][key], mae[1][key]) for key in shared)  # the seeds trained different MAEs

@@ -25,7 +25,7 @@ def test_ar_estimate_equals_the_real_loop_under_a_linear_cost_model(monkeypatch:
     estimate from a few timed loop steps must equal the cost of the real restoration loop exactly."""
     mod = _load("mim_ood_speed")
     torch.manual_seed(0)
-    det = mod.build("ar-restoration", "test", 32, "cpu", 2, 1)
+    det = mod.build("ar-restoration-naive", "test", 32, "cpu", 2, 1)  # the estimate is of the naive loop
     clock = {"t": 0.0}
     det.nets["ar"].register_forward_pre_hook(lambda _m, args: clock.__setitem__("t", clock["t"] + args[0].shape[1]))
     monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))

@@ -89,7 +89,7 @@ def test_manifest_json_3d_views(tmp_path):
 
 
 def test_list_datasets():
-    assert set(list_datasets()) == {"lgg-flair-2d", "brats2018-3d", "ixi-t1-3d", "pneumoniamnist"}
+    assert set(list_datasets()) == {"lgg-flair-2d", "brats2018-3d", "ixi-t1-3d", "pneumoniamnist", "cxr-kermany-256"}
 
 
 # --------------------------------------------------------------------------------------------- real data (skips)

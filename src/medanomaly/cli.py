@@ -222,6 +222,8 @@ def benchmark(
     sets: Annotated[list[str] | None, typer.Option("--set", help="LABEL.key=value for one method (repeatable).")] = None,
     share: Annotated[bool, typer.Option("--share/--no-share", help="Share tokenizer / pre-trained MAE within a family.")] = True,
     seed: Annotated[int | None, typer.Option(help="Random seed for every method.")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (0,1,2): every method once per "
+                                              "seed, the table shows mean ± std.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size for the preset (default: the dataset's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
     resume: Annotated[bool, typer.Option("--resume", help="Continue unfinished (killed) runs from their checkpoints.")] = False,
@@ -243,18 +245,21 @@ def benchmark(
             --set mim-ood-r8.restoration.R=8
 
         medanomaly benchmark -m intensity,multitask --train-data ixi-t1-3d:spacing=6 -d brats2018-3d:modality=t1
+
+        medanomaly benchmark -m intensity,patchcore -d lgg-flair-2d --size 64 --seeds 0,1,2   # runs/seed-<k>/<label>
     """
-    from medanomaly.app.benchmark import parse_benchmark_methods, parse_benchmark_overrides, run_benchmark
+    from medanomaly.app.benchmark import parse_benchmark_methods, parse_benchmark_overrides, parse_seeds, run_benchmark
 
     with _errors():
         labels = [lab for lab, _ in parse_benchmark_methods(methods.split(","))]
         overrides = parse_benchmark_overrides(sets, labels)
         rows = run_benchmark(methods.split(","), data, out, config_set=config_set, overrides=overrides, split=split,
-                             train_data=train_data, seed=seed, size=size, batch_size=batch_size, share=share,
-                             resume=resume, force=force, quiet=quiet)
+                             train_data=train_data, seed=seed, seeds=parse_seeds(seeds), size=size,
+                             batch_size=batch_size, share=share, resume=resume, force=force, quiet=quiet)
         for r in rows:
-            typer.echo("  ".join(f"{k}={_fmt(r.get(k))}" for k in ("method", "pixel_ap", "best_dice", "sample_auroc",
-                                                                   "seconds_per_image")))
+            typer.echo("  ".join(f"{k}={_fmt(r.get(k))}" for k in ("method", "seed", "pixel_ap", "best_dice",
+                                                                   "calibrated_dice", "sample_auroc",
+                                                                   "seconds_per_image") if k in r))
         typer.echo(f"table: {out / 'comparison.md'}")
 
 

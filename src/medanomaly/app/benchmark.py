@@ -18,7 +18,7 @@ from medanomaly.app.errors import Echo, PipelineError, make_echo
 from medanomaly.app.evaluate import evaluate_run
 from medanomaly.app.train import train_run
 
-__all__ = ["parse_benchmark_methods", "parse_benchmark_overrides", "plan_sharing", "run_benchmark"]
+__all__ = ["parse_benchmark_methods", "parse_benchmark_overrides", "parse_seeds", "plan_sharing", "run_benchmark"]
 
 
 def parse_benchmark_methods(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -122,6 +122,24 @@ def _training_order(entries: list[tuple[str, str]], extra: dict[str, dict[str, A
     return done
 
 
+#: the calibrated-threshold metrics of ``evaluate`` (``calibrated_*`` in metrics.json) shown beside best DICE
+_CALIBRATED = ("calibrated_dice", "calibrated_precision", "calibrated_recall", "calibrated_fpr")
+
+
+def parse_seeds(text: str | Sequence[int] | None) -> list[int] | None:
+    """``"0,1,2"`` (or a list) -> ``[0, 1, 2]``; None or empty -> None. Seeds are distinct ints >= 0."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        seeds = [int(t) for t in items if t != ""]
+    except (TypeError, ValueError) as e:
+        raise PipelineError(f"--seeds: '{text}' is not a comma-separated list of integers, e.g. 0,1,2") from e
+    if any(k < 0 for k in seeds) or len(set(seeds)) != len(seeds):
+        raise PipelineError(f"--seeds: {seeds} must be distinct integers >= 0")
+    return seeds or None
+
+
 def run_benchmark(
     methods: Sequence[str],
     data: Any,
@@ -133,6 +151,7 @@ def run_benchmark(
     train_split: str = "train",
     train_data: Any = None,
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     size: Any = None,
     batch_size: int = 16,
     share: bool = True,
@@ -149,18 +168,85 @@ def run_benchmark(
     :func:`plan_sharing`); those parts are trained first. A finished run is reused only when it was trained with the
     same method, parameters, config set and overrides on the same training images (content fingerprint);
     ``resume`` continues unfinished runs; ``force`` retrains everything.
-    """
-    from medanomaly.methods import get_method_class
-    from medanomaly.run_folder import RunFolder
 
-    say = make_echo(quiet, echo)
+    ``seeds``: train and evaluate every method once per seed, in ``out/runs/seed-<k>/<label>`` and
+    ``out/eval/seed-<k>/<label>``; sharing is planned within each seed's runs only, never across seeds.
+    ``comparison.md``/``.html`` then show mean ± std over the seeds (:func:`~medanomaly.evaluation.table.aggregate_seeds`),
+    ``comparison.csv``/``.json`` the per-seed rows. ``seed`` (one seed, the old layout) and ``seeds`` exclude each
+    other. Returns the per-seed rows (one per method when ``seeds`` is not given).
+    """
+    if seed is not None and seeds is not None:
+        raise PipelineError("give either --seed or --seeds, not both")
+    seed_list = parse_seeds(seeds)
     entries = parse_benchmark_methods(methods)
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     unknown = sorted(set(overrides) - {lab for lab, _ in entries})
     if unknown:
         raise PipelineError(f"overrides for {unknown}, which --methods does not list")
+    if seed_list is not None:
+        clash = sorted(lab for lab in overrides if "seed" in overrides[lab])
+        if clash:
+            raise PipelineError(f"--set {clash[0]}.seed and --seeds: the seeds come from --seeds")
+    out = Path(out)
+    train_data = data if train_data is None else train_data
+    runs = [(k, out / "runs" / f"seed-{k}", out / "eval" / f"seed-{k}") for k in seed_list] if seed_list is not None \
+        else [(seed, out / "runs", out / "eval")]
+    params = {k: _resolve_params(entries, overrides, config_set, k) for k, _, _ in runs}  # every seed checked first
+    say = make_echo(quiet, echo)
+    fingerprints: dict[str, str] = {}
+
+    def fingerprint() -> str:
+        from medanomaly.data.fingerprint import dataset_fingerprint
+
+        key = _canon(size)
+        if key not in fingerprints:
+            fingerprints[key] = dataset_fingerprint(open_dataset(train_data, train_split, normal_only=True, size=size))
+        return fingerprints[key]
+
+    rows: list[dict[str, Any]] = []
+    for k, runs_dir, eval_dir in runs:
+        tag = "" if seed_list is None else f"seed {k}: "
+        extra, notes = plan_sharing(entries, params[k], overrides, runs_dir) if share else ({}, {})
+        results: dict[str, dict[str, Any]] = {}
+        for lab, m in _training_order(list(entries), extra, runs_dir):
+            run_dir, ov = runs_dir / lab, {**overrides.get(lab, {}), **extra.get(lab, {})}
+            reused = _reusable(run_dir, m, ov, config_set, train_data, train_split, k, size, force, fingerprint)
+            if reused:
+                say(f"[{tag}{lab}] reusing the finished run in {run_dir}")
+            else:
+                say(f"[{tag}{lab}] training {m}" + (f" ({notes[lab]})" if lab in notes else "") + " ...")
+                train_run(m, train_data, run_dir, split=train_split, config_set=config_set, overrides=ov or None,
+                          seed=k, size=size, resume=resume, force=force, quiet=quiet, echo=echo,
+                          eval_data=data, eval_split=split)
+            say(f"[{tag}{lab}] evaluating on '{split}' ...")
+            metrics = evaluate_run(run_dir, data, eval_dir / lab, split=split, batch_size=batch_size, force=True,
+                                   quiet=quiet, echo=echo)
+            results[lab] = _row(lab, m, config_set, metrics, reused, notes.get(lab, ""), overrides.get(lab),
+                                eval_dir.relative_to(out) / lab / "report.html", None if seed_list is None else k)
+        rows += [results[lab] for lab, _ in entries]
+    from medanomaly.evaluation.table import aggregate_seeds, write_comparison_table
+    from medanomaly.methods.base import library_versions
+    from medanomaly.training.atomic import atomic_write_text
+
+    summary = aggregate_seeds(rows) if seed_list is not None else rows
+    write_comparison_table(summary, out, csv_rows=rows)
+    atomic_write_text(out / "comparison.json", json.dumps({"seeds": seed_list, "rows": rows, "summary": summary},
+                                                          indent=1, default=str))
+    record = {"data": data_name(data), "train_data": data_name(train_data), "split": split, "config_set": config_set,
+              "batch_size": batch_size, "methods": {lab: m for lab, m in entries}, "seeds": seed_list, "rows": rows,
+              "versions": library_versions()}
+    atomic_write_text(out / "benchmark.json", json.dumps(record, indent=1, default=str))
+    say(f"comparison table: {out / 'comparison.md'}")
+    return rows
+
+
+def _resolve_params(entries: list[tuple[str, str]], overrides: dict[str, dict[str, Any]], config_set: str | None,
+                    seed: int | None) -> dict[str, dict[str, Any]]:
+    """Every run's parameters at ``seed``; fails before any training on a typo, a bad value or a missing config set."""
+    from medanomaly.methods import get_method_class
+
     params: dict[str, dict[str, Any]] = {}
-    for lab, m in entries:  # fail before any training on a typo or a bad value
+    for lab, m in entries:
         cls = get_method_class(m)
         if config_set and config_set not in cls.config_sets():
             avail = ", ".join(cls.config_sets()) or "(none)"
@@ -172,79 +258,55 @@ def run_benchmark(
             params[lab] = resolve_config(m, config_set=config_set, overrides=ov)[0]
         except (KeyError, ValueError) as e:
             raise PipelineError(f"--set for '{lab}': {e.args[0] if e.args else e}") from e
-    out = Path(out)
-    train_data = data if train_data is None else train_data
-    extra, notes = plan_sharing(entries, params, overrides, out / "runs") if share else ({}, {})
-    fingerprints: dict[str, str] = {}
+    return params
 
-    def fingerprint() -> str:
-        from medanomaly.data.fingerprint import dataset_fingerprint
 
-        key = _canon(size)
-        if key not in fingerprints:
-            fingerprints[key] = dataset_fingerprint(open_dataset(train_data, train_split, normal_only=True, size=size))
-        return fingerprints[key]
+def _reusable(run_dir: Path, method: str, ov: dict[str, Any], config_set: str | None, train_data: Any, train_split: str,
+              seed: int | None, size: Any, force: bool, fingerprint: Any) -> bool:
+    """True when ``run_dir`` holds a finished run of these settings on these images; raises when it holds another."""
+    from medanomaly.run_folder import RunFolder
 
-    results: dict[str, dict[str, Any]] = {}
-    for lab, m in _training_order(list(entries), extra, out / "runs"):
-        run_dir = out / "runs" / lab
-        folder = RunFolder(run_dir)
-        ov = {**overrides.get(lab, {}), **extra.get(lab, {})}
-        reused = False
-        if folder.is_finished and not force:
-            cfg = folder.read_config()
-            same = (
-                cfg.get("method") == m
-                and (cfg.get("train") or {}).get("config_set") == config_set
-                and (cfg.get("data") or {}).get("name") == data_name(train_data)
-                and (cfg.get("train") or {}).get("overrides", {}) == json.loads(json.dumps(ov, default=str))
-                and (seed is None or (cfg.get("train") or {}).get("seed") == seed)
-                and (size is None or (cfg.get("data") or {}).get("size") == size)
-            )
-            if not same:
-                raise PipelineError(f"{run_dir} holds a run trained with other settings (method/data/config set/overrides/"
-                                    "seed); use --force to retrain")
-            if (cfg.get("data") or {}).get("fingerprint") != fingerprint():
-                raise PipelineError(f"{run_dir} was trained on other images than {data_name(train_data)} "
-                                    f"({train_split}) holds now; use --force to retrain")
-            reused = True
-            say(f"[{lab}] reusing the finished run in {run_dir}")
-        else:
-            say(f"[{lab}] training {m}" + (f" ({notes[lab]})" if lab in notes else "") + " ...")
-            train_run(m, train_data, run_dir, split=train_split, config_set=config_set, overrides=ov or None,
-                      seed=seed, size=size, resume=resume, force=force, quiet=quiet, echo=echo,
-                      eval_data=data, eval_split=split)
-        say(f"[{lab}] evaluating on '{split}' ...")
-        metrics = evaluate_run(run_dir, data, out / "eval" / lab, split=split, batch_size=batch_size, force=True,
-                               quiet=quiet, echo=echo)
-        results[lab] = {
-            "method": lab,
-            "base_method": m,
-            "config_set": config_set,
-            "pixel_ap": metrics["pixel_ap"],
-            "pixel_auroc": metrics["pixel_auroc"],
-            "best_dice": metrics["best_dice"],
-            "sample_ap": metrics["sample_ap"],
-            "sample_auroc": metrics["sample_auroc"],
-            "train_seconds": metrics.get("train_seconds"),
-            "seconds_per_image": metrics["seconds_per_image"],
-            "seconds_per_batch": metrics["seconds_per_batch"],
-            "device": metrics["device"],
-            "n_test": metrics["n_images"],
-            "reused_run": reused,
-            "shares": notes.get(lab, ""),
-            "settings": json.dumps(overrides.get(lab) or {}, sort_keys=True, default=str) if overrides.get(lab) else "",
-            "report": str(Path("eval") / lab / "report.html"),
-        }
-    rows = [results[lab] for lab, _ in entries]
-    from medanomaly.evaluation.table import write_comparison_table
-    from medanomaly.methods.base import library_versions
-    from medanomaly.training.atomic import atomic_write_text
+    folder = RunFolder(run_dir)
+    if not folder.is_finished or force:
+        return False
+    cfg = folder.read_config()
+    same = (
+        cfg.get("method") == method
+        and (cfg.get("train") or {}).get("config_set") == config_set
+        and (cfg.get("data") or {}).get("name") == data_name(train_data)
+        and (cfg.get("train") or {}).get("overrides", {}) == json.loads(json.dumps(ov, default=str))
+        and (seed is None or (cfg.get("train") or {}).get("seed") == seed)
+        and (size is None or (cfg.get("data") or {}).get("size") == size)
+    )
+    if not same:
+        raise PipelineError(f"{run_dir} holds a run trained with other settings (method/data/config set/overrides/"
+                            "seed); use --force to retrain")
+    if (cfg.get("data") or {}).get("fingerprint") != fingerprint():
+        raise PipelineError(f"{run_dir} was trained on other images than {data_name(train_data)} "
+                            f"({train_split}) holds now; use --force to retrain")
+    return True
 
-    write_comparison_table(rows, out)
-    record = {"data": data_name(data), "train_data": data_name(train_data), "split": split, "config_set": config_set,
-              "batch_size": batch_size, "methods": {lab: m for lab, m in entries}, "rows": rows,
-              "versions": library_versions()}
-    atomic_write_text(out / "benchmark.json", json.dumps(record, indent=1, default=str))
-    say(f"comparison table: {out / 'comparison.md'}")
-    return rows
+
+def _row(lab: str, method: str, config_set: str | None, metrics: dict[str, Any], reused: bool, shares: str,
+         settings: dict[str, Any] | None, report: Path, seed: int | None) -> dict[str, Any]:
+    """One comparison-table row; the calibrated-threshold metrics sit beside best DICE when the evaluation has them."""
+    row: dict[str, Any] = {"method": lab, "base_method": method}
+    if seed is not None:
+        row["seed"] = seed
+    row.update({"config_set": config_set, "pixel_ap": metrics["pixel_ap"], "pixel_auroc": metrics["pixel_auroc"],
+                "best_dice": metrics["best_dice"]})
+    row.update({k: metrics[k] for k in _CALIBRATED if k in metrics})
+    row.update({
+        "sample_ap": metrics["sample_ap"],
+        "sample_auroc": metrics["sample_auroc"],
+        "train_seconds": metrics.get("train_seconds"),
+        "seconds_per_image": metrics["seconds_per_image"],
+        "seconds_per_batch": metrics["seconds_per_batch"],
+        "device": metrics["device"],
+        "n_test": metrics["n_images"],
+        "reused_run": reused,
+        "shares": shares,
+        "settings": json.dumps(settings, sort_keys=True, default=str) if settings else "",
+        "report": str(report),
+    })
+    return row

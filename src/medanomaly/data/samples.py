@@ -33,6 +33,13 @@ without it, ``<repo>/../shared/data``, ``<cwd>/../shared/data`` and ``<cwd>/shar
     28 x 28 chest X-rays. ``train`` = the 1214 normal train images (aksufatih copy), ``train-pneumonia`` = the 3494
     pneumonia train images (varun19424 copy), ``val`` = varun19424 val (135 N + 389 P), ``test`` = varun19424 test
     (234 N + 390 P). Preset ``cxr`` at size 64. Image labels only.
+``cxr-kermany-256``
+    Real-resolution Kermany pediatric chest X-rays (PNG, shorter side 256 px, from ``manifest.csv``),
+    patient-disjoint splits ``train`` (280 normal), ``val`` (50 normal), ``test`` (100 normal + 100 pneumonia),
+    ``train-pneumonia`` (200 pneumonia: an unlabeled-pool candidate, never test data). Preset ``cxr`` at size 128 by
+    default; the preset stretches the (wider than tall) radiograph to a square (``keep_aspect=False``, as for the
+    training images, so train and test are distorted alike; ``keep_aspect=True`` pads instead). It shares source
+    images with PneumoniaMNIST: never train on one and test on the other.
 """
 
 from __future__ import annotations
@@ -180,10 +187,26 @@ def _pneumonia(split: str, normal_only: bool, preset: Any, size: int | None, max
     return ItemDataset(items, spatial_dims=2, name="pneumoniamnist", preset=pre.name, cache_size=cache_size)
 
 
+# ------------------------------------------------------------------------------------------------ Kermany CXR
+KERMANY_SPLITS = ["train", "val", "test", "train-pneumonia"]
+
+
+def _kermany(split: str, normal_only: bool, preset: Any, size: int | None, max_cases: int | None, root: Any,
+             cache_size: int = 8, quiet: bool = True, **pp: Any) -> ImageDataset:
+    folder = _sub(root, "cxr_kermany_256")
+    _check_split(split, KERMANY_SPLITS, "cxr-kermany-256")
+    ds = load_manifest_dataset(folder / "manifest.csv", split, normal_only=normal_only, preset=preset or "cxr",
+                               size=size or 128, max_cases=max_cases, cache_size=cache_size, quiet=quiet, **pp)
+    ds.name = "cxr-kermany-256"
+    return ds
+
+
 DATASETS: dict[str, tuple[Callable[..., ImageDataset], str]] = {
     "lgg-flair-2d": (_lgg, "TCGA-LGG FLAIR 2D slices + tumour masks; 80 patients, splits train/val/test (50/10/20)"),
     "brats2018-3d": (_brats, "BraTS 2018, 10 cases, FLAIR or T1 + whole-tumour mask; split test; volumes or slices"),
     "ixi-t1-3d": (_ixi, "40 healthy IXI T1 volumes (2 mm); split train (32) / val (8); volumes or slices"),
+    "cxr-kermany-256": (_kermany, "Kermany pediatric CXR, shorter side 256 px: train (280 N), val (50 N), test (100 N + "
+                        "100 P), train-pneumonia (200 P, unlabeled-pool candidate); preset cxr at 128 (stretched)"),
     "pneumoniamnist": (_pneumonia, "PneumoniaMNIST 28x28 CXR: train (1214 normal), train-pneumonia, val, test (234 N + 390 P)"),
 }
 

@@ -179,6 +179,43 @@ class TokenTransformer(nn.Module):
                 x = blk(x)
         return self.head(self.norm(x))
 
+    def new_cache(self, batch: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> KVCache:
+        """An empty key/value cache for :meth:`forward_cached` (causal models, eval mode)."""
+        blk = self.blocks[0].attn
+        shape = (len(self.blocks), 2, batch, blk.num_heads, self.seq_len, blk.dim_head)
+        return KVCache(torch.empty(shape, device=device, dtype=dtype))
+
+    def forward_cached(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, L, out_dim) of ``ids`` (B, L) at positions ``cache.length .. cache.length + L - 1`` given the
+        cached keys/values of the earlier positions, which are extended by these L. Equals the last L rows of
+        ``forward`` on the whole prefix (causal models in eval mode; up to floating-point rounding)."""
+        if not self.causal or self.training:
+            raise RuntimeError("TokenTransformer.forward_cached: only for causal models in eval mode")
+        t0, n = cache.length, ids.shape[1]
+        if t0 + n > self.seq_len:
+            raise ValueError(f"TokenTransformer.forward_cached: {t0 + n} positions exceed seq_len {self.seq_len}")
+        x = self.embed(ids) + self.pos[:, t0 : t0 + n]
+        b = ids.shape[0]
+        for li, blk in enumerate(self.blocks):
+            att = blk.attn
+            qkv = att.qkv(blk.norm1(x)).view(b, n, 3, att.num_heads, att.dim_head).permute(2, 0, 3, 1, 4)
+            cache.kv[li, :, :, :, t0 : t0 + n] = qkv[1:]
+            k, v = cache.kv[li, 0, :, :, : t0 + n], cache.kv[li, 1, :, :, : t0 + n]
+            # a query at t0 + j sees keys 0 .. t0 + j: causal within the new block, everything cached before it
+            mask = None if n == 1 else torch.ones(n, t0 + n, dtype=torch.bool, device=x.device).tril(t0)
+            a = torch.nn.functional.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask, scale=att.scale)
+            x = x + att.out_proj(a.transpose(1, 2).reshape(b, n, -1))
+            x = x + blk.mlp(blk.norm2(x))
+        cache.length = t0 + n
+        return self.head(self.norm(x))
+
+
+class KVCache:
+    """Keys and values (layers, 2, B, heads, seq_len, head_dim) of the positions ``0 .. length - 1``."""
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv, self.length = kv, 0
+
 
 # -- brush masks on the token grid ------------------------------------------------------------------------
 
@@ -363,6 +400,7 @@ def ar_restore(
     temperature: float = 1.0,
     seed: int = 0,
     logit_bias: torch.Tensor | None = None,
+    kv_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AR restoration (Naval Marimont & Tarroni, 2021) of flattened tokens (B, N).
 
@@ -370,8 +408,10 @@ def ar_restore(
     restored) prefix is computed and, when above ``threshold``, the token is replaced by a sample from the model.
     The loop over positions is inherent to AR models; images and the R restorations are batched. Positions before
     the first flagged one (in the whole batch) keep their tokens and are skipped exactly. ``logit_bias`` as in
-    :func:`mim_restore` (applied to sampling only, not to the NLL test); draws keyed as there.
-    Returns restored tokens (B, R, N) and the resampled positions (B, R, N).
+    :func:`mim_restore` (applied to sampling only, not to the NLL test); draws keyed as there. ``kv_cache``: each
+    step feeds only the newest token and reuses the keys/values of the prefix (:meth:`TokenTransformer.forward_cached`,
+    O(N) per step instead of a forward over the whole O(N) prefix); ``False`` runs the naive loop (same tokens up to
+    floating-point rounding). Returns restored tokens (B, R, N) and the resampled positions (B, R, N).
     """
     b, n = tokens.shape
     y = tokens.repeat_interleave(restorations, 0).clone()
@@ -382,8 +422,14 @@ def ar_restore(
     start = int(flagged.any(0).nonzero()[0])
     bos = torch.full_like(y[:, :1], ar.special_id)
     rows = _row_keys(tokens, restorations, seed)
+    cache = ar.new_cache(y.shape[0], y.device, ar.pos.dtype) if kv_cache else None
     for i in range(start, n):
-        logits = ar(torch.cat([bos, y[:, :i]], 1))[:, -1].float()
+        if cache is None:
+            logits = ar(torch.cat([bos, y[:, :i]], 1))[:, -1].float()
+        elif i == start:  # prefill: BOS and the kept prefix in one forward
+            logits = ar.forward_cached(torch.cat([bos, y[:, :i]], 1), cache)[:, -1].float()
+        else:
+            logits = ar.forward_cached(y[:, i - 1 : i], cache)[:, -1].float()
         nll = -logits.log_softmax(-1).gather(-1, y[:, i : i + 1]).squeeze(-1)
         m = nll > threshold
         if m.any():

@@ -25,6 +25,8 @@ class ARRestoration(TokenRestorationDetector):
     latent_modules: ClassVar[tuple[str, ...]] = ("ar",)
     #: the fixed threshold is a token NLL (>= 0)
     parameter_schema: ClassVar[dict[str, Any]] = derive_schema(latent_modules)
+    #: restore with the key/value cache (same tokens as the naive loop; ``False``: the naive loop, for benchmarks)
+    kv_cache: bool = True
 
     def _build_latent(self) -> dict[str, TokenTransformer]:
         return {"ar": self._transformer(int(self.params["tokenizer"]["num_embeddings"]), causal=True)}
@@ -40,4 +42,4 @@ class ARRestoration(TokenRestorationDetector):
     def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rp = self.params["restoration"]
         return ar_restore(tokens, self.nets["ar"], self.threshold, int(rp["R"]), float(rp["temperature"]), seed,
-                          self.logit_bias(tokens.device))
+                          self.logit_bias(tokens.device), kv_cache=self.kv_cache)
