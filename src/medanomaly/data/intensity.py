@@ -12,11 +12,13 @@ __all__ = ["normalise_intensity", "equalize_histogram"]
 
 
 def normalise_intensity(arr: np.ndarray, foreground: np.ndarray, clip_percentile: float = 98.0,
-                        zero_background: bool = True) -> tuple[np.ndarray, dict[str, float]]:
-    """Scale to [0, 1]: ``(x - min) / (P_clip(foreground) - min)``, clipped; returns the array and the two bounds."""
+                        zero_background: bool = True, low: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """Scale to [0, 1]: ``(x - low) / (P_clip(foreground) - low)``, clipped (``low``: default the array's minimum;
+    presets pass the brain's own floor for skull-stripped scans whose background is not the minimum); with
+    ``zero_background`` everything outside the foreground is exactly 0. Returns the array and the two bounds."""
     a = np.asarray(arr, dtype=np.float32)
     vals = a[foreground] if foreground.any() else a.ravel()
-    lo = float(a.min())
+    lo = float(a.min()) if low is None else float(low)
     hi = float(np.percentile(vals, clip_percentile))
     if hi <= lo:
         hi = float(vals.max()) if vals.max() > lo else lo + 1.0

@@ -70,7 +70,7 @@ from medanomaly.data.geometry import (
 from medanomaly.data.intensity import equalize_histogram, normalise_intensity
 from medanomaly.data.io import DataError, Loaded, apply_window, check_array
 from medanomaly.data.limits import check_voxel_budget
-from medanomaly.data.masks import brain_mask, foreground_mask
+from medanomaly.data.masks import FOREGROUND_KINDS, scan_foreground
 
 __all__ = [
     "Preprocessed",
@@ -190,8 +190,20 @@ def _positive(v: Any, what: str) -> float:
 
 
 def _check_fg_kind(kind: Any) -> None:
-    if kind not in ("head", "brain"):
-        raise ValueError(f"preset parameter foreground must be 'head' or 'brain', got {kind!r}")
+    if kind not in FOREGROUND_KINDS:
+        raise ValueError(f"preset parameter foreground must be 'head' or 'brain' (or 'mask': a given brain mask, 'all': "
+                         f"every voxel), got {kind!r}")
+
+
+def _low(a: np.ndarray, fg: np.ndarray, rec: dict[str, Any]) -> float | None:
+    """The intensity mapped to 0: the volume's minimum (None), except on a skull-stripped scan whose constant
+    background is not the minimum (z-scored data, a few negative voxels): the lower of the background value and the
+    foreground's minimum, so that the brain, not a stray voxel, sets the scale."""
+    det = rec.get("skull_stripped") or {}
+    v = det.get("background")
+    if not det.get("skull_stripped") or v is None or v == float(a.min()) or not fg.any():
+        return None
+    return float(min(v, float(a[fg].min())))
 
 
 def _as_loaded(image: Loaded | np.ndarray | Any) -> Loaded:
@@ -234,10 +246,13 @@ class BrainMRI2D(Preset):
         _check_fg_kind(self.params["foreground"])
 
     def apply_slices(self, slices: np.ndarray, masks: np.ndarray | None = None, *, contiguous: bool = True,
-                     where: str = "") -> SliceStack:
+                     where: str = "", brain: np.ndarray | None = None) -> SliceStack:
         """Process the slices (S, H, W) of ONE volume together: the clip percentile and the foreground components
         are computed over the volume (``contiguous=False``: per-slice components, for unrelated 2D images).
-        ``meta``: ``steps`` (the per-slice geometry), ``keep`` (per slice) and ``dropped`` (indices)."""
+        ``brain``: a brain mask on the same slices (used by ``foreground="brain"``/``"mask"``).
+        ``meta``: ``steps`` (the per-slice geometry), ``keep`` (per slice), ``dropped`` (indices) and
+        ``foreground`` (:func:`~medanomaly.data.masks.scan_foreground`'s record, with the voxel counts of the head
+        and the foreground on the input grid)."""
         p = self.params
         a = to_numpy(slices)
         if a.ndim == 2:
@@ -249,19 +264,12 @@ class BrainMRI2D(Preset):
         mk = None if masks is None else to_numpy(masks)
         m = _check_mask(mk[None] if mk is not None and mk.ndim == 2 else mk, a.shape, where)
         _check_fg_kind(p["foreground"])
-        if contiguous:
-            fg = foreground_mask(a, p["fg_threshold"], fill_holes=p["fill_holes"], min_component=p["min_component"],
-                                 slice_axis=0)
-        else:
-            fg = np.stack([foreground_mask(s, p["fg_threshold"], fill_holes=p["fill_holes"],
-                                           min_component=p["min_component"]) for s in a])
-        head = fg
-        if p["foreground"] == "brain":
-            if contiguous:
-                fg = brain_mask(a, head=head, slice_axis=0)
-            else:
-                fg = np.stack([brain_mask(s, head=f) for s, f in zip(a, head, strict=True)])
-        norm, bounds = normalise_intensity(a, fg, p["clip_percentile"], p["zero_background"])
+        bk = None if brain is None else to_numpy(brain)
+        bm = _check_mask(bk[None] if bk is not None and bk.ndim == 2 else bk, a.shape, f"{where}brain ")
+        fg, head, fg_rec = scan_foreground(a, p["foreground"], brain=bm, threshold=p["fg_threshold"],
+                                           fill_holes=p["fill_holes"], min_component=p["min_component"],
+                                           slice_axis=0 if contiguous else None, contiguous=contiguous)
+        norm, bounds = normalise_intensity(a, fg, p["clip_percentile"], p["zero_background"], low=_low(a, fg, fg_rec))
         size, aspect = int(p["size"]), p["keep_aspect"]
         img, geo = fit_2d(norm[:, None], size, "linear", aspect)
         img = np.clip(img, 0.0, 1.0)
@@ -270,8 +278,10 @@ class BrainMRI2D(Preset):
             img = np.where(fg_r, img, 0.0).astype(np.float32)
         m_r = None if m is None else fit_2d(m[:, None].astype(np.float32), size, "nearest", aspect)[0] > 0.5
         frac = fg_r.reshape(len(a), -1).mean(axis=1)
-        meta: dict[str, Any] = {"preset": self.config, "intensity": bounds, "geometry": geo, "steps": [geo]}
-        if p["foreground"] == "brain":  # the slice filter reads the HEAD fraction (the same slices as with "head")
+        fg_rec.update(head_voxels=int(head.sum()), foreground_voxels=int(fg.sum()))
+        meta: dict[str, Any] = {"preset": self.config, "intensity": bounds, "geometry": geo, "steps": [geo],
+                                "foreground": fg_rec}
+        if p["foreground"] != "head":  # the slice filter reads the HEAD fraction (the same slices as with "head")
             head_r = fit_2d(head[:, None].astype(np.float32), size, "nearest", aspect)[0] > 0.5
             meta["brain_fraction"] = frac
             frac = head_r.reshape(len(a), -1).mean(axis=1)
@@ -282,9 +292,11 @@ class BrainMRI2D(Preset):
         return SliceStack(img, fg_r, m_r, frac, keep, meta)
 
     def apply_volume(self, image: Loaded | np.ndarray, mask: Loaded | np.ndarray | None = None, *,
-                     affine: np.ndarray | None = None, where: str = "") -> SliceStack:
+                     affine: np.ndarray | None = None, where: str = "",
+                     brain: Loaded | np.ndarray | None = None) -> SliceStack:
         """A 3D volume as axial slices (:func:`~medanomaly.data.geometry.volume_to_slices`) through
-        :meth:`apply_slices`; ``meta["slicing"]`` lets :meth:`invert` put maps back on the volume's grid."""
+        :meth:`apply_slices`; ``meta["slicing"]`` lets :meth:`invert` put maps back on the volume's grid.
+        ``brain``: a brain mask on the volume's grid."""
         ld = _as_loaded(image) if affine is None else Loaded(to_numpy(image), affine)
         where = where or (f"{ld.meta['path']}: " if "path" in ld.meta else "")
         try:
@@ -295,7 +307,10 @@ class BrainMRI2D(Preset):
         if mask is not None:
             mk = _check_mask(mask, tuple(ld.array.shape), where)
             msl = volume_to_slices(mk, ld.affine)
-        st = self.apply_slices(slices, msl, where=where)
+        bsl = None
+        if brain is not None:
+            bsl = volume_to_slices(_check_mask(brain, tuple(ld.array.shape), f"{where}brain "), ld.affine)
+        st = self.apply_slices(slices, msl, where=where, brain=bsl)
         st.meta.update(smeta)
         return st
 
@@ -306,13 +321,15 @@ class BrainMRI2D(Preset):
             return slices_to_volume(amap, meta, mode)
         return super().invert(amap, meta, mode)
 
-    def __call__(self, image: Loaded | np.ndarray, mask: np.ndarray | None = None) -> Preprocessed:
+    def __call__(self, image: Loaded | np.ndarray, mask: np.ndarray | None = None, *,
+                 brain: np.ndarray | None = None) -> Preprocessed:
         ld = _as_loaded(image)
         a = np.squeeze(ld.array)
         if a.ndim != 2:
             raise DataError(f"{ld.meta.get('path', 'image')}: brain-mri-2d on one image needs a 2D array, got {a.shape}"
                             " (use apply_slices for a stack of slices)")
-        st = self.apply_slices(a, None if mask is None else np.squeeze(to_numpy(mask)), contiguous=False)
+        st = self.apply_slices(a, None if mask is None else np.squeeze(to_numpy(mask)), contiguous=False,
+                               brain=None if brain is None else np.squeeze(to_numpy(brain)))
         meta = {k: v for k, v in st.meta.items() if k not in ("n_slices", "dropped")}
         meta.update(fg_fraction=float(st.fg_fraction[0]), keep=bool(st.keep[0]),
                     steps=_reshape_step(ld.array.shape, a.shape) + st.meta["steps"])
@@ -350,7 +367,10 @@ class BrainMRI3D(Preset):
             size = _triple(p["size"], f"{w}size", _whole)
             check_voxel_budget(size, f"preset {self.name!r} with size={list(size)}", what="its output volume")
 
-    def __call__(self, image: Loaded | np.ndarray, mask: np.ndarray | Loaded | None = None) -> Preprocessed:
+    def __call__(self, image: Loaded | np.ndarray, mask: np.ndarray | Loaded | None = None, *,
+                 brain: np.ndarray | Loaded | None = None) -> Preprocessed:
+        """``brain``: a brain mask on the input's grid (used by ``foreground="brain"``/``"mask"``); it follows the
+        image through reorientation and resampling like the lesion mask."""
         p = self.params
         ld = _as_loaded(image)
         where = f"{ld.meta['path']}: " if "path" in ld.meta else ""
@@ -369,6 +389,14 @@ class BrainMRI3D(Preset):
         m = _check_mask(m, a.shape, where)
         if isinstance(mask, Loaded) and not np.allclose(mask.affine, ld.affine, atol=1e-3):
             raise DataError(f"{where}mask {mask.meta.get('path', '')} has a different affine from the image")
+        b = brain.array if isinstance(brain, Loaded) else brain
+        if b is not None:
+            b = to_numpy(b)
+            while b.ndim > 3 and b.shape[-1] == 1:
+                b = b[..., 0]
+        b = _check_mask(b, a.shape, f"{where}brain ")
+        if isinstance(brain, Loaded) and not np.allclose(brain.affine, ld.affine, atol=1e-3):
+            raise DataError(f"{where}brain mask {brain.meta.get('path', '')} has a different affine from the image")
         aff = ld.affine
         a = a.astype(np.float32)
         if p["orientation"]:
@@ -376,6 +404,8 @@ class BrainMRI3D(Preset):
             a, aff0 = reorient(a, aff, p["orientation"])
             if m is not None:
                 m = reorient(m, aff, p["orientation"])[0]
+            if b is not None:
+                b = reorient(b, aff, p["orientation"])[0]
             steps.append({"op": "reorient", "in_shape": shape0, "out_shape": a.shape, "source_affine": aff.tolist(),
                           "target": p["orientation"]})
             aff = aff0
@@ -387,17 +417,20 @@ class BrainMRI3D(Preset):
             a_r, aff_r = resample(a, aff, factors, order=1)
             if m is not None:
                 m = resample(m.astype(np.float32), aff, factors, order=1)[0] >= 0.5
+            if b is not None:
+                b = resample(b.astype(np.float32), aff, factors, order=1)[0] >= 0.5
             steps.append({"op": "resample", "in_shape": a.shape, "out_shape": a_r.shape, "factors": factors.tolist()})
             a, aff = a_r, aff_r
         _check_fg_kind(p["foreground"])
-        fg = foreground_mask(a, p["fg_threshold"], fill_holes=p["fill_holes"], min_component=p["min_component"])
-        if p["foreground"] == "brain" and fg.any():
-            # RAS: axial slices along the last axis; pixel parameters scaled from ~1 mm to the in-plane spacing
-            sp = float(np.sqrt((aff[:3, :2] ** 2).sum(axis=0)).mean())
-            fg = brain_mask(a, head=fg, slice_axis=2, scale=1.0 / max(sp, 1e-3))
+        # RAS: axial slices along the last axis; brain_mask's pixel parameters scaled from ~1 mm to the in-plane spacing
+        sp = float(np.sqrt((aff[:3, :2] ** 2).sum(axis=0)).mean())
+        fg, head, fg_rec = scan_foreground(a, p["foreground"], brain=b, threshold=p["fg_threshold"],
+                                           fill_holes=p["fill_holes"], min_component=p["min_component"],
+                                           scale=1.0 / max(sp, 1e-3), brain_slice_axis=2)
         if not fg.any():
             raise DataError(f"{where}no foreground found (image is empty after thresholding)")
-        norm, bounds = normalise_intensity(a, fg, p["clip_percentile"], p["zero_background"])
+        fg_rec.update(head_voxels=int(head.sum()), foreground_voxels=int(fg.sum()))
+        norm, bounds = normalise_intensity(a, fg, p["clip_percentile"], p["zero_background"], low=_low(a, fg, fg_rec))
         shape = np.array(norm.shape)
         if p["crop_foreground"]:
             idx = np.argwhere(fg)
@@ -424,7 +457,9 @@ class BrainMRI3D(Preset):
         aff = aff @ shift
         meta = {"preset": self.config, "intensity": bounds, "crop_start": start_t, "foreground_box": (lo.tolist(), hi.tolist()),
                 "foreground_clipped": clipped, "source_affine": ld.affine.tolist(), "source_shape": list(ld.array.shape),
-                "steps": steps}
+                "steps": steps, "foreground": fg_rec}
+        if m is not None:  # evaluation bookkeeping only (guards): lesion voxels the crop to a fixed size loses
+            meta["lesion_voxels_cropped"] = int(m.sum()) - int(m_o.sum())
         return Preprocessed(img[None], fg_o[None], None if m_o is None else m_o[None], aff, meta)
 
 
