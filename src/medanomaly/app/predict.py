@@ -200,7 +200,7 @@ def predict_files(
     """
     from tqdm.auto import tqdm
 
-    from medanomaly.data.io import save_overlay_png, write_nifti_map, write_png_map
+    from medanomaly.data.io import write_nifti_map, write_png_map
 
     say = make_echo(quiet, echo)
     if batch_size < 1:
@@ -209,6 +209,9 @@ def predict_files(
     run_data = cfg.get("data") or {}
     preset = _run_preset(cfg, run)
     rule, thr = _threshold(run, threshold)
+    from medanomaly.evaluation.overlays import run_scale, save_case_overlay
+
+    scale = run_scale(run, cfg.get("method"))  # the run's healthy colour scale (None: per-image)
     want_shape = [int(s) for s in run_data.get("image_shape") or []]
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -253,7 +256,7 @@ def predict_files(
                 # only the slices the preset keeps are scored (datasets drop the others from every split)
                 maps, scores = predict_arrays(det, st.images[keep], st.foreground[keep], batch_size)
                 amap = preset.invert(maps, st.meta)  # the input volume's grid; dropped slices get 0
-                fg_in = preset.invert(st.foreground[keep].astype(bool), st.meta, mode="nearest") if rule is not None else None
+                fg_in = preset.invert(st.foreground[keep].astype(bool), st.meta, mode="nearest")
                 score = float(scores.max())
                 target = write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
             else:
@@ -265,16 +268,15 @@ def predict_files(
                 maps, scores = predict_arrays(det, pre.image[None], pre.foreground[None], 1)
                 score = float(scores[0])
                 amap = preset.invert(maps[0], pre.meta)
-                fg_in = preset.invert(np.asarray(pre.foreground, bool), pre.meta, mode="nearest") if rule is not None else None
+                fg_in = preset.invert(np.asarray(pre.foreground, bool), pre.meta, mode="nearest")
                 if arr.ndim == 3:
                     target = write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
                 else:
                     if fmt == "nifti":
                         write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
                     target = write_png_map(amap, out / f"{stem}_anomaly.png")
-            k = int(np.argmax(amap.reshape(-1, amap.shape[-1]).sum(0))) if amap.ndim == 3 else None  # hottest slice
-            save_overlay_png(_display(arr), amap, None, out / f"{stem}_overlay.png", slice_index=k,
-                             title=f"{stem}: score {score:.4g}" + (f" (slice {k})" if k is not None else ""))
+            save_case_overlay(out / f"{stem}_overlay.png", ld, amap, fg_in, scale, thr, title=stem, image_score=score,
+                              method=cfg.get("method"))
             written.append(Path(target))
             row = f"{path},{score:.6g},{Path(target).name},{float(amap.min()):.6g},{float(amap.max()):.6g}"
             if rule is not None:
