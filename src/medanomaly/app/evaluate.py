@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.app.datasets import data_name, describe_dataset, open_dataset
+from medanomaly.app.datasets import data_name, describe_dataset, open_dataset, preprocessing_record
 from medanomaly.app.errors import Echo, PipelineError, check_writable_folder, make_echo
+from medanomaly.app.guards import raise_or_warn
 from medanomaly.app.predict import iter_predictions, load_run
 
 __all__ = ["describe_device", "evaluate_run"]
@@ -87,6 +88,10 @@ def evaluate_run(
     echo: Echo | None = None,
     report: bool = True,
     threshold: str | None = None,
+    preset: str | None = None,
+    foreground: str | None = None,
+    lesion_labels: Any = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Predict a whole split of ``data`` (default: the run's own data) and write ``metrics.json`` + ``report.html``.
 
@@ -95,6 +100,11 @@ def evaluate_run(
     :func:`medanomaly.evaluation.calibration.parse_threshold`): DICE/precision/recall/FPR of ``score > t`` over the
     same foreground pixels, and the image decision's accuracy/sensitivity/specificity. A run without calibration
     gets them as NaN with the reason (an explicit calibrated ``threshold`` is an error then).
+
+    ``preset``/``foreground`` override the run's recorded preset (:func:`~medanomaly.app.datasets.open_dataset`);
+    ``lesion_labels`` picks the lesion labels of multi-class masks. The guards of :mod:`medanomaly.app.guards` run
+    on every evaluation: their warnings go to ``metrics["warnings"]`` (numbers in ``metrics["guards"]``) and, with
+    ``strict``, become one error before anything is written. ``metrics["preprocessing"]`` records what was applied.
     """
     import torch
     from tqdm.auto import tqdm
@@ -121,7 +131,8 @@ def evaluate_run(
 
     try:
         ds = open_dataset(data, split, preset=run_data.get("preset"), size=run_data.get("size"),
-                          preset_config=run_data.get("preset_config"))
+                          preset_config=run_data.get("preset_config"), preset_override=preset, foreground=foreground,
+                          lesion_labels=lesion_labels)
     except (KeyError, TypeError) as e:  # a preset record that does not fit the preset: name the run
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise PipelineError(f"{run}: its recorded preset does not load ({msg})") from e
@@ -176,13 +187,20 @@ def evaluate_run(
     IS, L, HM = np.concatenate(img_scores), np.concatenate(labels), np.concatenate(has_mask)
     n = len(IS)
 
+    prep = preprocessing_record(ds)
+    used = prep.get("preset") or run_data.get("preset_config")
+    guards, warn_msgs = _guards(prep, run_data, S, M, F, HM, np.concatenate(images), f"{data_name(data)} ({split})")
+    raise_or_warn(warn_msgs, strict)
     metrics: dict[str, Any] = {
         "method": cfg["method"],
         "run": str(Path(run)),
         "data": data_name(data),
         "split": split,
-        "preset": run_data.get("preset"),
-        "preset_config": run_data.get("preset_config"),
+        "preset": (used or {}).get("name") or run_data.get("preset"),
+        "preset_config": used,
+        "preprocessing": prep,
+        "guards": guards,
+        "warnings": warn_msgs,
         "n_images": int(n),
         "n_with_mask": int(HM.sum()),
         "n_abnormal": int((L == 1).sum()),
@@ -241,13 +259,16 @@ def evaluate_run(
                 "run": str(Path(run).resolve()),
                 "data": metrics["data"],
                 "split": split,
-                "preset": json.dumps(run_data.get("preset_config") or run_data.get("preset")),
+                "preset": json.dumps(used or run_data.get("preset")),
+                "preprocessing": _describe_prep(prep),
                 "trained_on": f"{run_data.get('name')} / {run_data.get('split')} ({run_data.get('n_train')} healthy images)",
                 "seed": (cfg.get("train") or {}).get("seed"),
                 "batch_size": batch_size,
             }
             if rest_note:
                 settings["restorations"] = f"not shown: {rest_note}"
+            if warn_msgs:
+                settings["warnings"] = " | ".join(warn_msgs)
             train_log = RunFolder(run).read_train_log() or None
             path = _write_report(out_dir, metrics, settings, images=np.concatenate(images), scores=S, masks=M,
                                  foreground=F, image_scores=IS, labels=L, has_mask=HM, case_ids=case_ids,
@@ -256,6 +277,57 @@ def evaluate_run(
             atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
         say(f"metrics: {out_dir / 'metrics.json'}" + (f"\nreport:  {metrics['report']}" if metrics.get("report") else ""))
     return metrics
+
+
+def _guards(prep: dict[str, Any], run_data: dict[str, Any], S: np.ndarray, M: np.ndarray, F: np.ndarray, HM: np.ndarray,
+            images: np.ndarray, what: str) -> tuple[dict[str, Any], list[str]]:
+    """The numbers the guards read and their warnings (lesion masks are only counted, after prediction)."""
+    from medanomaly.app.guards import (
+        coverage_guard,
+        dropped_guard,
+        intensity_guard,
+        intensity_shift,
+        intensity_stats,
+        lesion_guard,
+    )
+
+    sel = HM.astype(bool)
+    Mb, Fb = M[sel].astype(bool), F[sel].astype(bool)
+    lost = int(prep.get("lesion_voxels_dropped", 0)) + int(prep.get("lesion_voxels_cropped", 0))
+    outside = int((Mb & ~Fb).sum()) + lost
+    total = int(Mb.sum()) + lost
+    fg_vals = images[:, 0][F.astype(bool)] if images.shape[2:] == F.shape[1:] else images[:, 0].ravel()
+    test_stats = intensity_stats(fg_vals)
+    shift = intensity_shift(test_stats, run_data.get("intensity"))
+    g: dict[str, Any] = {
+        "head_coverage_min": prep.get("head_coverage_min"),
+        "lesion_voxels": total,
+        "lesion_voxels_outside": outside,
+        "lesion_outside_fraction": round(outside / total, 5) if total else None,
+        "slices": prep.get("slices"),
+        "dropped_slices": prep.get("dropped_slices"),
+        "dropped_fraction": round(prep["dropped_slices"] / prep["slices"], 4) if prep.get("slices") else None,
+        "intensity": test_stats,
+        "train_intensity": run_data.get("intensity"),
+        "intensity_shift": shift,
+    }
+    if run_data.get("intensity") is None:
+        g["intensity_note"] = "the run records no training intensity statistics (trained before they were recorded)"
+    msgs = coverage_guard(prep, what) + lesion_guard(outside, total, what) + dropped_guard(prep, what)
+    msgs += intensity_guard(shift, what)
+    return g, msgs
+
+
+def _describe_prep(prep: dict[str, Any]) -> str:
+    """One line for the report's settings table: the foreground, skull-stripped detection, dropped slices."""
+    parts = [f"foreground {prep.get('foreground')} ({prep.get('foreground_source')})"]
+    if "skull_stripped_cases" in prep:
+        parts.append(f"skull-stripped input detected in {prep['skull_stripped_cases']} of {prep.get('cases')} cases")
+    if prep.get("head_coverage_min") is not None:
+        parts.append(f"foreground covers >= {100 * prep['head_coverage_min']:.0f} % of the head")
+    if prep.get("slices"):
+        parts.append(f"{prep.get('dropped_slices')} of {prep['slices']} slices dropped")
+    return "; ".join(parts)
 
 
 def _calibrated_threshold(run: str | Path, threshold: str | None) -> dict[str, Any] | None:

@@ -24,8 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from medanomaly.app.config import resolve_config
-from medanomaly.app.datasets import EVALUATION_SPLITS, data_name, describe_dataset, load_sources, open_dataset
+from medanomaly.app.datasets import (
+    EVALUATION_SPLITS,
+    data_name,
+    describe_dataset,
+    load_sources,
+    open_dataset,
+    preprocessing_record,
+)
 from medanomaly.app.errors import Echo, PipelineError, check_writable_folder, make_echo
+from medanomaly.app.guards import dataset_intensity_stats
 
 __all__ = ["TrainSummary", "param_diff", "train_run"]
 
@@ -194,6 +202,9 @@ def train_run(
             "n_train": len(train),
             "n_val": len(val) if val is not None else 0,
             "fingerprint": fingerprint,
+            # label-free: foreground intensity quantiles and what preprocessing did (guards in evaluate/predict)
+            "intensity": dataset_intensity_stats(train),
+            "preprocessing": preprocessing_record(train),
         },
         "train": {
             "seed": int(params["seed"]),

@@ -217,9 +217,12 @@ class SliceDataset(ImageDataset):
         self.index: list[tuple[int, int, int, int]] = []  # (case position, slice position, label, slice number)
         self.n_dropped = 0
         self._has_mask: list[bool] = []
+        #: per case: what preprocessing did (presets.prep_summary; lesion voxels on the output grid, for guards only)
+        self.prep_records: dict[str, dict[str, Any]] = {}
         for ci in tqdm(range(len(self.cases)), desc=f"indexing {name or 'slices'}", disable=quiet):
             st, numbers, case_label, has_mask = self._volume(ci)
             self._has_mask.append(has_mask)
+            self.prep_records[self.cases[ci][0]] = _slice_record(st, filter_slices)
             for s in range(st.images.shape[0]):
                 if filter_slices and not st.keep[s]:
                     self.n_dropped += 1
@@ -237,8 +240,10 @@ class SliceDataset(ImageDataset):
 
     def _volume(self, ci: int) -> tuple[Any, np.ndarray, int, bool]:
         def make() -> tuple[Any, np.ndarray, int, bool]:
-            slices, masks, numbers, case_label = self.cases[ci][1]()
-            st = self.preset_obj.apply_slices(slices, masks, where=f"{self.cases[ci][0]}: ")
+            got = self.cases[ci][1]()  # (slices, masks, numbers, label[, brain mask slices])
+            slices, masks, numbers, case_label = got[:4]
+            kw = {"brain": got[4]} if len(got) > 4 and got[4] is not None else {}
+            st = self.preset_obj.apply_slices(slices, masks, where=f"{self.cases[ci][0]}: ", **kw)
             if masks is not None:
                 st.meta["orig_lesion"] = np.asarray(masks).reshape(len(masks), -1).any(axis=1)
             return st, np.asarray(numbers), int(case_label), masks is not None
@@ -264,6 +269,19 @@ class SliceDataset(ImageDataset):
                        has_mask=has_mask or label == 0)
 
 
+def _slice_record(st: Any, filtered: bool) -> dict[str, Any]:
+    from medanomaly.data.presets import prep_summary
+
+    rec = prep_summary(st.meta)
+    if not filtered:
+        rec["n_dropped"] = 0
+    if st.masks is not None:
+        keep = np.asarray(st.keep, bool) if filtered else np.ones(len(st.masks), bool)
+        rec["lesion_voxels"] = int(st.masks.sum())
+        rec["lesion_voxels_dropped"] = int(st.masks[~keep].sum())
+    return rec
+
+
 class ItemDataset(ImageDataset):
     """One preprocessed image per item (2D images or 3D volumes), computed lazily with an LRU cache.
 
@@ -276,6 +294,8 @@ class ItemDataset(ImageDataset):
         self.items = list(items)
         self.spatial_dims, self.name, self.preset = spatial_dims, name, preset
         self._cache = _LRU(cache_size)
+        #: per item: what preprocessing did (presets.prep_summary), filled as items are computed
+        self.prep_records: dict[str, dict[str, Any]] = {}
         self.known_normal_mask = known_normal_mask
         if not self.items:
             raise ValueError(f"dataset {name!r} is empty")
@@ -292,7 +312,15 @@ class ItemDataset(ImageDataset):
         return [cid for cid, _, _ in self.items]
 
     def preprocessed(self, i: int) -> Any:
-        return self._cache.get(i, self.items[i][1])
+        return self._cache.get(i, lambda: self._make(i))
+
+    def _make(self, i: int) -> Any:
+        from medanomaly.data.presets import prep_summary
+
+        p = self.items[i][1]()
+        if isinstance(getattr(p, "meta", None), dict):
+            self.prep_records[self.items[i][0]] = prep_summary(p.meta)
+        return p
 
     def geometry(self, i: int) -> dict[str, Any]:
         """The output affine and the preprocessing record of item ``i`` (for writing maps in world coordinates)."""

@@ -1,7 +1,10 @@
 """Manifests: users' own data as a CSV or JSON table.
 
 Columns: ``case_id``, ``image`` (required), ``mask``, ``label`` (1 abnormal / 0 normal), ``split`` (default
-``train``), ``patient_id`` (all optional). JSON: a list of such records, or ``{"cases": [...]}``. Relative paths are
+``train``), ``patient_id``, ``brain_mask`` (all optional). ``brain_mask``: a binary brain mask on the image's grid;
+presets with ``foreground="brain"`` use it instead of computing one, ``foreground="mask"`` requires it.
+Multi-class lesion masks (e.g. BraTS labels 0-4) need ``lesion_labels`` (``"1,2,4"``, a list, or ``">0"``); without
+it a mask must be binary. JSON: a list of such records, or ``{"cases": [...]}``. Relative paths are
 resolved against the manifest's folder. Images may be 2D (PNG/JPEG/TIFF/DICOM file) or 3D (NIfTI, DICOM folder).
 
 Views: 2D images are one sample each. 3D volumes are one sample each with ``view="volumes"`` (preset
@@ -31,15 +34,17 @@ from typing import Any
 import numpy as np
 
 from medanomaly.data.dataset import ImageDataset, ItemDataset, SliceDataset
+from medanomaly.data.geometry import volume_to_slices
 from medanomaly.data.io import DataError, Loaded, read_image, read_mask
+from medanomaly.data.masks import lesion_labels as parse_lesion_labels
+from medanomaly.data.masks import select_lesion
 from medanomaly.data.presets import Preset, get_preset
 from medanomaly.data.volumes import check_geometry as _check_geometry
-from medanomaly.data.volumes import read_volume_slices as _vol_slices
 
-__all__ = ["read_manifest", "load_manifest_dataset", "write_manifest"]
+__all__ = ["read_manifest", "load_manifest_dataset", "write_manifest", "read_lesion_mask"]
 
 COLUMNS = ("case_id", "image", "mask", "label", "split", "patient_id")
-OPTIONAL_COLUMNS = ("slice",)
+OPTIONAL_COLUMNS = ("slice", "brain_mask")
 MAX_LISTED = 10  # problems named in the one error; the rest are counted
 
 log = logging.getLogger("medanomaly.data")
@@ -93,7 +98,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         rec: dict[str, Any] = {"case_id": str(r.get("case_id") or Path(str(r["image"])).name.split(".")[0]),
                                "split": str(r.get("split") or "train"), "patient_id": str(r.get("patient_id") or "")}
         where = f"row {n} ({rec['case_id']})"
-        for key in ("image", "mask"):
+        for key in ("image", "mask", "brain_mask"):
             v = r.get(key)
             rec[key] = None
             if not v:
@@ -163,7 +168,8 @@ def _duplicates(recs: list[dict[str, Any]]) -> list[str]:
 
 
 def write_manifest(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write records (keys from ``case_id, image, mask, label, split, patient_id`` [, ``slice``]) as CSV or JSON."""
+    """Write records (keys from ``case_id, image, mask, label, split, patient_id`` [, ``slice``, ``brain_mask``]) as
+    CSV or JSON."""
     path = Path(path)
     cols = COLUMNS + tuple(k for k in OPTIONAL_COLUMNS if any(r.get(k) is not None for r in records))
     rows = [{k: ("" if r.get(k) is None else str(r.get(k))) for k in cols} for r in records]
@@ -177,29 +183,65 @@ def write_manifest(records: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def _item_2d(rec: dict[str, Any], pre: Preset) -> Any:
+def read_lesion_mask(path: str | Path, labels: tuple[int, ...] | str | None = None, *,
+                     expect_dims: int | None = None) -> Loaded:
+    """A lesion mask as bool: binary files as they are; a multi-class label map through ``labels``
+    (:func:`~medanomaly.data.masks.lesion_labels`); a multi-class map without ``labels`` is refused, naming the
+    option."""
+    if labels is None:
+        try:
+            return read_mask(path, expect_dims=expect_dims)
+        except DataError as e:
+            if "not binary" in str(e):
+                raise DataError(f"{e}; for a multi-class label map choose the lesion labels (--lesion-labels 1,2,4 or "
+                                "'>0', or lesion_labels=... in the data spec)") from None
+            raise
+    ld = read_image(path, expect_dims=expect_dims)
+    ld.array = select_lesion(ld.array, labels, where=f"{path}: ")
+    return ld
+
+
+def _extras(rec: dict[str, Any], img: Loaded, labels: Any, dims: int) -> tuple[Loaded | None, Loaded | None]:
+    """The row's lesion mask and brain mask, each checked against the image's geometry."""
+    out: list[Loaded | None] = []
+    for key in ("mask", "brain_mask"):
+        if rec.get(key) is None:
+            out.append(None)
+            continue
+        mk = read_lesion_mask(rec[key], labels, expect_dims=dims) if key == "mask" else read_mask(rec[key], expect_dims=dims)
+        _check_geometry(img, mk, rec["image"], rec[key])
+        out.append(mk)
+    return out[0], out[1]
+
+
+def _item_2d(rec: dict[str, Any], pre: Preset, labels: Any = None) -> Any:
     img = read_image(rec["image"], expect_dims=2)
-    mk = None
-    if rec["mask"] is not None:
-        mk = read_mask(rec["mask"], expect_dims=2)
-        _check_geometry(img, mk, rec["image"], rec["mask"])
-    return pre(img, None if mk is None else mk.array)
+    mk, br = _extras(rec, img, labels, 2)
+    kw = {} if br is None else {"brain": br.array}
+    return pre(img, None if mk is None else mk.array, **kw)
 
 
-def _item_3d(rec: dict[str, Any], pre: Preset) -> Any:
+def _item_3d(rec: dict[str, Any], pre: Preset, labels: Any = None) -> Any:
     img = read_image(rec["image"], expect_dims=3)
-    mk = None
-    if rec["mask"] is not None:
-        mk = read_mask(rec["mask"], expect_dims=3)
-        _check_geometry(img, mk, rec["image"], rec["mask"])
-    return pre(img, mk)
+    mk, br = _extras(rec, img, labels, 3)
+    return pre(img, mk, **({} if br is None else {"brain": br}))
 
 
-def _label(rec: dict[str, Any]) -> int:
+def _volume_slices(rec: dict[str, Any], labels: Any) -> tuple[Any, ...]:
+    """A ``SliceDataset`` case loader: (slices, lesion slices, numbers, label, brain slices) of a volume row."""
+    img = read_image(rec["image"], expect_dims=3)
+    mk, br = _extras(rec, img, labels, 3)
+    sl = volume_to_slices(img.array, img.affine)
+    m = None if mk is None else volume_to_slices(mk.array, mk.affine)
+    b = None if br is None else volume_to_slices(br.array, br.affine)
+    return sl, m, np.arange(sl.shape[0]), -1 if rec["label"] is None else rec["label"], b
+
+
+def _label(rec: dict[str, Any], labels: Any = None) -> int:
     if rec["label"] is not None:
         return int(rec["label"])
     if rec["mask"] is not None:
-        return int(read_mask(rec["mask"]).array.any())
+        return int(read_lesion_mask(rec["mask"], labels).array.any())
     return -1
 
 
@@ -214,9 +256,14 @@ def load_manifest_dataset(
     view: str = "auto",
     cache_size: int = 8,
     quiet: bool = True,
+    lesion_labels: Any = None,
     **preset_params: Any,
 ) -> ImageDataset:
     """A dataset from a manifest's ``split`` rows (``split="all"``: every row). See the module docstring."""
+    try:
+        labels = parse_lesion_labels(lesion_labels)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
     recs = read_manifest(path)
     splits = sorted({r["split"] for r in recs})
     if split != "all":
@@ -238,17 +285,18 @@ def load_manifest_dataset(
         if view not in ("images", "auto"):
             raise ValueError(f"{path}: images are 2D; view {view!r} applies to 3D volumes only")
         pre = get_preset(preset or "brain-mri-2d", **({"size": size} if size is not None else {}), **params)
-        items = [(r["case_id"], partial(_item_2d, r, pre), _label(r)) for r in recs]
+        items = [(r["case_id"], partial(_item_2d, r, pre, labels), _label(r, labels)) for r in recs]
     elif view == "slices":
         pre = get_preset(preset or "brain-mri-2d", **({"size": size} if size is not None else {}), **params)
-        cases = [(r["case_id"], partial(_vol_slices, r["image"], r["mask"], -1 if r["label"] is None else r["label"]))
-                 for r in recs]
+        if pre.spatial_dims != 2 or not hasattr(pre, "apply_slices"):
+            raise ValueError(f"{path}: view='slices' needs a 2D slice preset (brain-mri-2d), got {pre.name}")
+        cases = [(r["case_id"], partial(_volume_slices, r, labels)) for r in recs]
         return SliceDataset(cases, pre, normal_only=normal_only, name=name, cache_size=cache_size, quiet=quiet)
     elif view == "volumes":
         if size is not None:
             params["size"] = tuple(int(s) for s in np.broadcast_to(np.asarray(size, int), (3,)))
         pre = get_preset(preset or "brain-mri-3d", **params)
-        items = [(r["case_id"], partial(_item_3d, r, pre), _label(r)) for r in recs]
+        items = [(r["case_id"], partial(_item_3d, r, pre, labels), _label(r, labels)) for r in recs]
     else:
         raise ValueError(f"view must be 'volumes' or 'slices' for 3D data, got {view!r}")
     if normal_only:

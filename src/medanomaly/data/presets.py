@@ -80,6 +80,7 @@ __all__ = [
     "BrainMRI3D",
     "ChestXRay",
     "PRESETS",
+    "prep_summary",
     "get_preset",
     "list_presets",
 ]
@@ -509,6 +510,27 @@ class ChestXRay(Preset):
 
 
 PRESETS: dict[str, type[Preset]] = {c.name: c for c in (BrainMRI2D, BrainMRI3D, ChestXRay)}
+
+
+def prep_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of one forward call's ``meta`` that say what preprocessing did (for guards and reports):
+    foreground kind and source, skull-stripped detection, head / foreground voxels, slices and dropped slices."""
+    rec = meta.get("foreground") or {}
+    det = rec.get("skull_stripped") or {}
+    out: dict[str, Any] = {"foreground": rec.get("foreground"), "source": rec.get("source")}
+    if "n_images" in det:  # a stack of unrelated images
+        out["skull_stripped"] = det["n_skull_stripped"] > det["n_images"] / 2
+    elif det:
+        out["skull_stripped"] = bool(det.get("skull_stripped"))
+        out["background"] = det.get("background")
+    for k in ("head_voxels", "foreground_voxels"):
+        if k in rec:
+            out[k] = int(rec[k])
+    if "n_slices" in meta:
+        out.update(n_slices=int(meta["n_slices"]), n_dropped=len(meta.get("dropped") or []))
+    if "lesion_voxels_cropped" in meta:
+        out["lesion_voxels_cropped"] = int(meta["lesion_voxels_cropped"])
+    return out
 
 
 def get_preset(name: str | Preset, **params: Any) -> Preset:

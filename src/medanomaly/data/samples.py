@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -217,14 +218,18 @@ def list_datasets() -> dict[str, str]:
 
 
 def parse_data_spec(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,key=value"`` -> (name, options) for built-in names; anything else -> (spec, {}).
+    """``"name:key=value,key=value"`` -> (name, options) for built-in names and manifests (``x.csv:view=slices``);
+    anything else -> (spec, {}).
 
     Values are read as YAML scalars (``6`` -> int, ``6.0`` -> float, ``t1`` -> str, ``[2,2,2]`` -> list), so the
     same options can be written on a command line (``--data brats2018-3d:modality=t1``) and in a config file.
     """
     text = str(spec)
     name, sep, rest = text.partition(":")
-    if not sep or name not in DATASETS:
+    manifest = re.match(r"^(.+\.(?:csv|json)):([^/\\]*=.*)$", text, re.IGNORECASE)
+    if manifest and not Path(text).exists():  # a manifest with options: my.csv:view=slices,lesion_labels=">0"
+        name, sep, rest = manifest.group(1), ":", manifest.group(2)
+    elif not sep or name not in DATASETS:
         return text, {}
     from medanomaly.yamlsafe import load_yaml
 
@@ -282,5 +287,6 @@ def load_dataset(
         return DATASETS[key][0](split, normal_only, preset, size, max_cases, root, **{**opts, **kw})
     p = Path(key)
     if p.suffix.lower() in (".csv", ".json"):
-        return load_manifest_dataset(p, split, normal_only=normal_only, preset=preset, size=size, max_cases=max_cases, **kw)
+        return load_manifest_dataset(p, split, normal_only=normal_only, preset=preset, size=size, max_cases=max_cases,
+                                     **{**opts, **kw})
     raise ValueError(f"unknown dataset {key!r}: not a built-in name ({', '.join(DATASETS)}) nor a .csv/.json manifest")
