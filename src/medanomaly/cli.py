@@ -143,17 +143,37 @@ def train(
         typer.echo(f"trained {s.method} on {s.n_train} images in {s.seconds:.1f} s -> {s.run_dir}")
 
 
+ForegroundOpt = Annotated[str | None, typer.Option(
+    "--foreground", help="Override the run preset's foreground: brain (a given brain mask, else the head itself on a "
+    "skull-stripped scan, else an unsupervised skull strip), head, mask (needs a brain mask), all.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Override the run's preprocessing preset (keeps the "
+                                               "recorded parameters it knows, e.g. size).")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail (one line, exit 1) when a preprocessing guard fires "
+                                         "instead of warning.")]
+
+
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `medanomaly train`.")],
-    inputs: Annotated[list[Path], typer.Argument(help="Images or volumes: NIfTI, DICOM (file or folder), PNG.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the maps and overlays.")],
+    run: Annotated[Path | None, typer.Argument(help="Run folder written by `medanomaly train` (with --model: the first "
+                                               "input).", show_default=False)] = None,
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Images or volumes: NIfTI, DICOM (file or folder), PNG.",
+                                                        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the maps and overlays.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A shipped model (see `medanomaly models`) instead of a "
+                                              "run folder.")] = None,
+    bids: Annotated[Path | None, typer.Option("--bids", help="A BIDS dataset: predict the model's scans into "
+                                              "ROOT/derivatives/medanomaly (needs --model).")] = None,
     allow_irregular_spacing: Annotated[bool, typer.Option(
         "--allow-irregular-spacing", help="Resample a DICOM series with uneven slice steps onto its median step "
         "instead of refusing it.")] = False,
     threshold: Annotated[str | None, typer.Option(
         "--threshold", "-t", help="fpr=P (voxel false-positive rate on the healthy validation images), image-fpr=P "
         "(image decision), a number, or fpr=P,image-fpr=Q: writes <name>_mask and <name>_components.csv.")] = None,
+    brain_mask: Annotated[list[Path] | None, typer.Option(
+        "--brain-mask", help="A brain mask on the input's grid (repeat once per input, in order).")] = None,
+    foreground: ForegroundOpt = None,
+    preset: PresetOpt = None,
+    strict: StrictOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -169,24 +189,40 @@ def predict(
         medanomaly predict runs/ae slice_012.png --out maps/
 
         medanomaly predict runs/ae scan1.nii.gz --out maps/ --threshold fpr=0.01,image-fpr=0.05
+
+        medanomaly predict --model brain-flair-2d scan.nii.gz dicom_series/ --out maps/ --threshold fpr=0.01
+
+        medanomaly predict --model brain-flair-2d --bids /data/my_bids --threshold fpr=0.01
+
+    A DICOM series folder also gives `<name>_anomaly_pmap.dcm` (Parametric Map) and, with a voxel threshold,
+    `<name>_mask_seg.dcm` (Segmentation), referencing the source series.
     """
-    from medanomaly.app.predict import predict_files
+    from medanomaly.app.outputs import predict_command
 
     with _errors():
-        written = predict_files(run, inputs, out, force=force, quiet=quiet, allow_irregular_spacing=allow_irregular_spacing,
-                                threshold=threshold)
-        typer.echo(f"wrote {len(written)} map(s) to {out}")
+        extra = {k: v for k, v in (("brain_masks", brain_mask), ("foreground", foreground), ("preset", preset),
+                                   ("strict", strict)) if v}
+        written = predict_command(run, inputs or [], out, model=model, bids=bids, force=force, quiet=quiet,
+                                  allow_irregular_spacing=allow_irregular_spacing, threshold=threshold, **extra)
+        typer.echo(f"wrote {len(written)} file(s) to {out if bids is None else Path(bids) / 'derivatives' / 'medanomaly'}")
 
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `medanomaly train`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json and report.html.")],
+    run: Annotated[Path | None, typer.Argument(help="Run folder written by `medanomaly train`.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for metrics.json and report.html.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A shipped model (see `medanomaly models`) instead of a "
+                                              "run folder.")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset name or manifest (default: the run's).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per predict call.")] = 16,
     threshold: Annotated[str | None, typer.Option(
         "--threshold", "-t", help="The calibrated rule for the calibrated_* metrics (default fpr=0.01,image-fpr=0.05).")] = None,
+    foreground: ForegroundOpt = None,
+    preset: PresetOpt = None,
+    lesion_labels: Annotated[str | None, typer.Option(
+        "--lesion-labels", help="Multi-class lesion masks: the labels that are lesion, e.g. 1,2,4 or '>0'.")] = None,
+    strict: StrictOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -199,11 +235,19 @@ def evaluate(
         medanomaly evaluate runs/ae --data lgg-flair-2d --split test --out eval/ae
 
         medanomaly evaluate runs/ae --data my_manifest.csv --split val --out eval/ae-val
+
+        medanomaly evaluate --model brain-flair-2d --data lgg-flair-2d --split test --out eval/shipped
     """
+    from medanomaly.app.errors import PipelineError
     from medanomaly.app.evaluate import evaluate_run
+    from medanomaly.app.outputs import resolve_run
 
     with _errors():
-        m = evaluate_run(run, data, out, split=split, batch_size=batch_size, force=force, quiet=quiet, threshold=threshold)
+        if out is None:
+            raise PipelineError("--out is required: the folder for metrics.json and report.html")
+        run, _ = resolve_run(run, model)
+        m = evaluate_run(run, data, out, split=split, batch_size=batch_size, force=force, quiet=quiet, threshold=threshold,
+                         preset=preset, foreground=foreground, lesion_labels=lesion_labels, strict=strict)
         keys = ("pixel_ap", "pixel_auroc", "best_dice", "calibrated_dice", "sample_ap", "sample_auroc", "seconds_per_image",
                 "device")
         typer.echo("  ".join(f"{k}={_fmt(m.get(k))}" for k in keys))
@@ -288,6 +332,33 @@ def demo(
         typer.echo("  ".join(f"{k}={_fmt(m.get(k))}" for k in keys))
         typer.echo(f"demo finished in {m['total_seconds']:.0f} s")
         typer.echo(f"report: {m.get('report', out / 'eval' / 'report.html')}")
+
+
+@app.command("models")
+def models(
+    name: Annotated[str | None, typer.Argument(help="A model name: print its model card.", show_default=False)] = None,
+) -> None:
+    """The trained models medanomaly ships (no training, no network needed), or one model's card.
+
+    Examples:
+
+        medanomaly models
+
+        medanomaly models brain-flair-2d
+
+        medanomaly predict --model brain-flair-2d scan.nii.gz --out maps/
+    """
+    from medanomaly.app.models import get_model, list_models
+
+    with _errors():
+        if name is not None:
+            typer.echo(get_model(name).card())
+            return
+        found = list_models()
+        if not found:
+            typer.echo("no shipped models found")
+        for m in found.values():
+            typer.echo(f"{m.name:<18} {m.summary}")
 
 
 @app.command("list")

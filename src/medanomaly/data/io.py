@@ -275,7 +275,34 @@ def read_nifti(path: str | Path) -> Loaded:
         raise DataError(f"{path}: unreadable or truncated NIfTI file ({type(e).__name__}: {e})") from None
     arr = arr.reshape(squeezed)
     meta = {"format": "nifti", "path": str(path), "orientation": "".join(nib.aff2axcodes(affine)), "dtype": str(dtype)}
+    meta.update(_xforms(img.header))
     return Loaded(arr, affine, zooms, meta)
+
+
+def _xforms(header: Any) -> dict[str, Any]:
+    """The qform/sform matrices and codes of a NIfTI header, so that maps and masks written for it keep them."""
+    out: dict[str, Any] = {}
+    for kind in ("qform", "sform"):
+        try:
+            mat, code = getattr(header, f"get_{kind}")(coded=True)
+        except Exception:  # a header nibabel cannot decode this part of: leave it to the affine
+            continue
+        out[f"{kind}_code"] = int(code)
+        out[kind] = None if mat is None else np.asarray(mat, float).tolist()
+    return out
+
+
+def _keep_xforms(img: Any, reference: Any) -> None:
+    """Give a written NIfTI the input's qform/sform and codes (when ``reference`` is a NIfTI :class:`Loaded`)."""
+    meta = getattr(reference, "meta", None) or {}
+    if "sform_code" not in meta or "qform_code" not in meta:
+        return
+    coded = meta["sform"] if meta["sform_code"] > 0 else meta["qform"] if meta["qform_code"] > 0 else None
+    if coded is None or not np.allclose(np.asarray(coded, float), reference.affine, atol=1e-5):
+        return  # the reference's affine is no longer the header's (a changed copy): nibabel's defaults
+    for kind in ("qform", "sform"):
+        mat, code = meta.get(kind), int(meta[f"{kind}_code"])
+        getattr(img, f"set_{kind}")(np.asarray(mat, float) if code > 0 and mat is not None else None, code=code)
 
 
 # ----------------------------------------------------------------------------------------------------------- DICOM
@@ -633,6 +660,8 @@ def write_nifti_map(
             raise DataError(f"{path}: reference must be a Loaded image or a 4x4 affine, got shape {ref_aff.shape}")
     path = Path(path)
     img = nib.Nifti1Image(a, ref_aff)
+    if isinstance(reference, Loaded):  # (a resampled map is on the reference's grid too)
+        _keep_xforms(img, reference)
     img.header.set_xyzt_units("mm")
     with _writing(path):
         nib.save(img, str(path))
@@ -650,6 +679,7 @@ def write_nifti_mask(mask: np.ndarray | Any, reference: Loaded, path: str | Path
         raise DataError(f"{path}: mask shape {m.shape} differs from the reference image shape {reference.shape}")
     path = Path(path)
     img = nib.Nifti1Image(m.astype(np.uint8), reference.affine)
+    _keep_xforms(img, reference)
     img.header.set_xyzt_units("mm")
     with _writing(path):
         nib.save(img, str(path))
