@@ -414,5 +414,35 @@ def synth(
             typer.echo(str(pth))
 
 
+@app.command()
+def view(
+    folder: Annotated[Path, typer.Argument(help="A `predict --out` folder (maps) or an `evaluate --out` folder (report).")],
+    port: Annotated[int, typer.Option("--port", "-p", help="Port on 127.0.0.1 (default: a free one).")] = 0,
+    case: Annotated[str | None, typer.Option("--case", help="Open this case first (its id).")] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+) -> None:
+    """Look at scans with their anomaly maps in a local web page.
+
+    Each scan with its map as a colour overlay (on the run's healthy scale), the calibrated mask as an outline, a
+    threshold slider, the connected components and the image score; volumes scroll through axial slices. The page
+    is served on 127.0.0.1 only, at a URL with a random token; Ctrl-C stops it.
+
+    Examples:
+
+        medanomaly predict runs/ae scan.nii.gz --out maps/ --threshold fpr=0.01,image-fpr=0.05
+
+        medanomaly view maps/
+
+        medanomaly view eval/ae --case best-TCGA_CS_4941
+    """
+    from medanomaly.viewer.server import serve
+
+    with _errors():
+        try:
+            serve(folder, port=port, open_browser=open_browser, case=case, echo=typer.echo)
+        except KeyboardInterrupt:
+            typer.echo("viewer stopped")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

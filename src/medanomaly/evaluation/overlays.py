@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MapScale", "SCORE_MEANING", "SliceView", "colour_lut", "composite", "healthy_scale", "image_scale",
+__all__ = ["MapScale", "SCORE_MEANING", "SliceView", "colour_lut", "composite", "grey_range", "healthy_scale", "image_scale",
            "map_scale", "render_case", "score_meaning", "slice_view"]
 
 #: what the pixel score of each method is, in words (shown under the colour bar)
@@ -224,7 +224,8 @@ def slice_view(shape: Sequence[int], affine: np.ndarray | None = None) -> SliceV
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
-def _grey_range(img: np.ndarray) -> tuple[float, float]:
+def grey_range(img: np.ndarray) -> tuple[float, float]:
+    """The grey window of an image: its 0.5th..99.5th percentile (a constant background left out)."""
     v = img[np.isfinite(img)]
     inside = v[v > v.min()] if v.size and (v > v.min()).mean() > 0.02 else v  # ignore a constant background
     if not inside.size:
@@ -308,7 +309,7 @@ def render_case(
         if fg is not None:
             pred &= fg
     view = slice_view(img.shape, affine)
-    glo, ghi = _grey_range(img)
+    glo, ghi = grey_range(img)
 
     def layer(arr: np.ndarray | None, k: int) -> np.ndarray | None:
         return None if arr is None else view.get(arr, k)
