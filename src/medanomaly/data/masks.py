@@ -298,7 +298,7 @@ def detect_skull_stripped(arr: np.ndarray, slice_axis: int | None = None) -> dic
     out["below_background"] = round(float((a[box][inside] < v).mean()), 4)
     if slice_axis is not None:
         inside, d = np.moveaxis(inside, slice_axis, 0), np.moveaxis(d, slice_axis, 0)
-    dist = _edt(inside, slice_axis is not None, pad=False)
+    dist = _edt(inside, slice_axis is not None, pad=True)  # the array border is not background
     shell, deep = inside & (dist <= 2), dist > 6
     if shell.sum() < 16 or deep.sum() < 16:
         return out
@@ -352,12 +352,12 @@ def scan_foreground(
         return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), rec
     det = detect_skull_stripped(a, slice_axis)
     kw = {"fill_holes": fill_holes, "min_component": min_component, "slice_axis": slice_axis}
-    if det["skull_stripped"]:
-        # threshold the distance from the background value: identical to the plain head mask when the background
-        # is the minimum (as in BraTS), and right when it is not (a few negative voxels, z-scored data)
-        v = np.float32(det["background"])
-        head = foreground_mask(a if v == a.min() else np.abs(a - v), threshold, **kw)
-    else:
+    v = np.float32(det["background"]) if det["skull_stripped"] else None
+    if v is not None and v != a.min():
+        # the background is not the minimum (a few negative voxels, z-scored data): the head is every voxel off the
+        # constant background (holes filled, small specks dropped), not a threshold above the minimum
+        head = _clean(a != v, min_component, fill_holes, slice_axis)
+    else:  # raw data, or skull-stripped with the background at the minimum (BraTS): the plain head threshold
         head = foreground_mask(a, threshold, **kw)
     rec: dict[str, Any] = {"foreground": kind, "skull_stripped": det}
     if kind == "all":
@@ -372,6 +372,16 @@ def scan_foreground(
         fg = brain_mask(a, head=head, slice_axis=brain_slice_axis, scale=scale) if head.any() else head
         rec["source"] = "unsupervised skull strip"
     return fg, head, rec
+
+
+def _clean(fg: np.ndarray, min_component: float, fill_holes: bool, slice_axis: int | None) -> np.ndarray:
+    """Components under ``min_component`` x the largest dropped, holes filled (as :func:`foreground_mask`)."""
+    if min_component > 0 and fg.any():
+        lab, n = ndi.label(fg)
+        if n > 1:
+            sizes = np.bincount(lab.ravel())[1:]
+            fg = np.concatenate([[False], sizes >= min_component * sizes.max()])[lab]
+    return fill_mask_holes(fg, slice_axis) if fill_holes else fg
 
 
 def lesion_labels(spec: str | int | list[int] | tuple[int, ...] | None) -> tuple[int, ...] | str | None:
