@@ -104,8 +104,10 @@ def summarise_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     det = [r["skull_stripped"] for r in recs if "skull_stripped" in r]
     if det:
         out["skull_stripped_cases"] = int(sum(det))
-    cov = {cid: r["foreground_voxels"] / r["head_voxels"] for cid, r in records.items()
-           if r.get("head_voxels") and "foreground_voxels" in r}
+    # the share of the head the foreground covers: over the slices that are scored when a slice filter ran, else
+    # over the whole input
+    cov = {cid: float(r["kept_coverage"]) if "kept_coverage" in r else r["foreground_voxels"] / r["head_voxels"]
+           for cid, r in records.items() if "kept_coverage" in r or (r.get("head_voxels") and "foreground_voxels" in r)}
     if cov:
         out["head_coverage_min"] = round(min(cov.values()), 4)
         out["head_coverage_median"] = round(float(np.median(list(cov.values()))), 4)

@@ -287,6 +287,8 @@ class BrainMRI2D(Preset):
             meta["brain_fraction"] = frac
             frac = head_r.reshape(len(a), -1).mean(axis=1)
             keep = (frac >= p["min_fg_fraction"]) & (meta["brain_fraction"] >= p["min_brain_fraction"])
+            if keep.any():  # the share of the head the foreground covers in the slices that are scored
+                fg_rec["kept_coverage"] = round(float(meta["brain_fraction"][keep].sum() / max(frac[keep].sum(), 1e-12)), 4)
         else:
             keep = frac >= p["min_fg_fraction"]
         meta.update(n_slices=len(a), keep=keep.tolist(), dropped=np.flatnonzero(~keep).tolist())
@@ -523,9 +525,9 @@ def prep_summary(meta: dict[str, Any]) -> dict[str, Any]:
     elif det:
         out["skull_stripped"] = bool(det.get("skull_stripped"))
         out["background"] = det.get("background")
-    for k in ("head_voxels", "foreground_voxels"):
+    for k in ("head_voxels", "foreground_voxels", "kept_coverage"):
         if k in rec:
-            out[k] = int(rec[k])
+            out[k] = rec[k] if k == "kept_coverage" else int(rec[k])
     if "n_slices" in meta:
         out.update(n_slices=int(meta["n_slices"]), n_dropped=len(meta.get("dropped") or []))
     if "lesion_voxels_cropped" in meta:
