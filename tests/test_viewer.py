@@ -259,3 +259,22 @@ def test_page_in_headless_chromium(server, tmp_path: Path) -> None:  # noqa: ANN
     warm = (rgb[..., 0] > 180) & (rgb[..., 1] > 60) & (rgb[..., 2] < 80)  # map colours
     cyan = (rgb[..., 0] < 40) & (rgb[..., 1] > 200) & (rgb[..., 2] > 230)  # the mask outline
     assert warm.sum() > 200 and cyan.sum() > 20
+
+
+def test_report_page_links_cases_to_the_viewer(tmp_path: Path) -> None:
+    from medanomaly.evaluation.html import write_report
+
+    img, amap, fg = _volume()
+    n = 4
+    images = np.stack([img[..., 3 + i] for i in range(n)])
+    scores = np.stack([amap[..., 3 + i] for i in range(n)])
+    masks = scores > 3
+    page = write_report(tmp_path / "ev", {"method": "zscore"}, scores=scores, masks=masks, images=images,
+                        foreground=np.stack([fg[..., 3 + i] for i in range(n)]), case_ids=[f"c{i}" for i in range(n)],
+                        sample_scores=scores.reshape(n, -1).max(1), sample_labels=masks.reshape(n, -1).any(1).astype(int),
+                        calibration=_calibration(), calibrated_threshold=2.3, method="zscore")
+    text = page.read_text()
+    assert "Cases, full resolution, in the viewer" in text and "medanomaly view" in text and "--case best-c" in text
+    _, cases = find_view(tmp_path / "ev")
+    assert {c["id"].split("-")[0] for c in cases} >= {"best", "worst"}
+    assert all((tmp_path / "ev" / "cases" / f"{c['id']}.png").is_file() for c in cases)

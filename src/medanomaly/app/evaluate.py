@@ -402,5 +402,10 @@ def _write_report(out_dir: Path, metrics: dict[str, Any], settings: dict[str, An
     else:
         kw.update(scores=arrays["scores"], images=arrays["images"], foreground=arrays["foreground"],
                   case_ids=list(arrays["case_ids"]), restorations=rest)
+    from medanomaly.run_folder import RunFolder
+
+    t = metrics.get("calibrated_threshold")  # the viewer cases: healthy colour scale, mask at the calibrated threshold
+    kw.update(calibration=RunFolder(metrics["run"]).read_calibration(), method=metrics.get("method"),
+              calibrated_threshold=float(t) if isinstance(t, int | float) and math.isfinite(t) else None)
     title = f"medanomaly: {metrics.get('method')} on {metrics.get('data')} ({metrics.get('split')})"
     return Path(write_report(out_dir, metrics, title=title, settings=settings, **kw))

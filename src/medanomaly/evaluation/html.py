@@ -13,6 +13,8 @@ A report folder written by :func:`write_report` holds
   median one: image with the thresholded prediction, restoration (when given), anomaly map on the lesion grid's scale
 - ``training_curves.png`` the run's training log: one panel per metric kind (train loss, each validation metric, other
   logged values, learning rate) against the step, one line per stage/model/member
+- ``cases/``          the picked cases for ``medanomaly view``: ``<id>.npz`` (image, map, lesion, foreground),
+  ``<id>.png`` (the full-resolution clinician overlay of :mod:`medanomaly.evaluation.overlays`), ``view.json``
 - ``report.html``     metric and settings tables and the figures, embedded as base64 (so the page alone is
   enough) and linked to the PNG files beside it.
 
@@ -73,6 +75,26 @@ def _img_tag(path: Path, alt: str, embed: bool) -> str:
            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
 
 
+def _viewer_section(out: Path, cases: list[dict[str, Any]], embed: bool) -> str:
+    """The cases at full resolution, each with the `medanomaly view` command that opens it."""
+    import shlex
+
+    rows = ["<h2>Cases, full resolution, in the viewer</h2>",
+            "<p class='note'>Colours on the run's healthy-validation scale (comparable between cases); cyan dashed: "
+            "mask at the calibrated threshold; green: lesion. Open a case with the command under it (a local page "
+            "with a threshold slider and slice scrolling).</p>"]
+    for c in cases:
+        png = Path(c["png"])
+        src = f"cases/{png.name}"
+        if embed:
+            src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+        cmd = f"medanomaly view {shlex.quote(str(out))} --case {shlex.quote(c['id'])}"
+        rows.append(f"<figure><a href='cases/{html.escape(png.name)}'><img src='{src}' alt='{html.escape(c['title'])}' "
+                    f"style='max-width:100%'></a><figcaption>{html.escape(c['title'])}<br><code>{html.escape(cmd)}</code>"
+                    "</figcaption></figure>")
+    return "\n".join(rows)
+
+
 def _table(d: dict[str, Any], first: Sequence[str] = ()) -> str:
     keys = [k for k in first if k in d] + [k for k in d if k not in first]
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(format_value(d[k]))}</td></tr>" for k in keys)
@@ -114,6 +136,9 @@ def write_report(
     seed: int = 0,
     restorations: Any = None,
     train_log: Sequence[dict[str, Any]] | None = None,
+    calibration: dict[str, Any] | None = None,
+    calibrated_threshold: float | None = None,
+    method: str | None = None,
 ) -> Path:
     """Write the report folder (module docstring) and return the path of ``report.html``.
 
@@ -130,8 +155,15 @@ def write_report(
     grid is drawn when ``images`` and ``sample_labels`` are given and ``sample_scores``/``sample_labels`` have one
     entry per image (``scores`` without ``masks`` gives that grid alone); ``train_log`` (the run's
     ``train_log.jsonl`` records) gives the training-curve figure. Without them the report is as before.
+
+    With ``images``, the picked cases (best/median/worst, healthy) also go to ``cases/`` for ``medanomaly view``
+    (:func:`medanomaly.viewer.records.write_report_cases`) with full-resolution clinician overlays, coloured on the
+    run's healthy ``calibration`` scale with the mask at ``calibrated_threshold``; the page links each case to the
+    viewer command.
     """
     out = Path(out_dir)
+    view_picks: list[tuple[str, int, str]] = []
+    view_cases: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(settings or {})
     log = _check_train_log(train_log) if train_log is not None else None
@@ -203,6 +235,7 @@ def write_report(
             del sel_s, sel_m
             _, dice = per_case_dice(s, m, thr, f, None, "with_lesion")
             picks = pick_cases(dice, img_scores, case_ids)
+            view_picks += picks
             fig = plot_cases(picks, im, s, m, f, thr, rest, map_range)
             caption = "Best, median and worst images by their own DICE at the best-DICE threshold"
             if rest is not None:
@@ -216,6 +249,7 @@ def write_report(
                 notes.append("healthy-image grid not drawn: sample scores/labels do not have one entry per image")
             else:
                 hp = pick_healthy(img_scores, lab, case_ids)
+                view_picks += hp
                 if hp:
                     fig = plot_cases(hp, im, s, None, f, thr, rest, map_range, overlay=False,
                                       title="normal images (label 0): the 3 highest image scores and the median; red "
@@ -224,6 +258,11 @@ def write_report(
                                     "scores (false-positive candidates) and the median one"
                                     + (", with their restorations" if rest is not None else "")))
                     save_fig(fig, figures[-1][0])
+        if im is not None and view_picks:  # the cases for `medanomaly view`, with full-resolution overlays
+            from medanomaly.viewer.records import write_report_cases
+
+            view_cases = write_report_cases(out, view_picks, im, s, m, f, case_ids, img_scores, calibration=calibration,
+                                            threshold=calibrated_threshold, method=method)
 
     if sample_scores is not None and sample_labels is not None:
         ss = np.ravel(to_numpy(sample_scores, "sample_scores"))
@@ -270,6 +309,8 @@ def write_report(
     if figures:
         parts.append("<h2>Figures</h2>")
         parts += [_img_tag(p, alt, embed_images) for p, alt in figures]
+    if view_cases:
+        parts.append(_viewer_section(out, view_cases, embed_images))
     parts.append("</body></html>\n")
     page = out / "report.html"
     atomic_write(page, "\n".join(parts))

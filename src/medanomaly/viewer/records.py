@@ -45,6 +45,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "case"
 
 
+def _short_label(label: str) -> str:
+    """A report pick's label as a short id part: "best", "normal2", "normal-median", "highest-score" ..."""
+    m = re.match(r"normal, score rank (\d+)", label)
+    if m:
+        return f"normal{m.group(1)}"
+    if label.startswith("normal, median"):
+        return "normal-median"
+    return label.split(",")[0].strip().replace(" ", "-")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         rec = json.loads(path.read_text())
@@ -123,7 +133,7 @@ def write_report_cases(out: Path, picks: list[tuple[str, int, str]], images: np.
     entries, seen = [], set()
     for label, i, caption in picks:
         name = str(case_ids[i]) if case_ids is not None else f"image {i}"
-        cid = _slug(f"{label}-{name}")
+        cid = _slug(f"{_short_label(label)}-{name}")
         if cid in seen:
             continue
         seen.add(cid)
