@@ -27,6 +27,9 @@ STRIPPED_MIN_BACKGROUND = 0.15
 #: ... and the voxels just inside that background are tissue: their median distance from the background value is
 #: at least this fraction of the interior's (measured: raw skull-on LGG/IXI <= 0.33, skull-stripped BraTS >= 0.6)
 STRIPPED_MIN_EDGE_RATIO = 0.45
+#: ... but not much brighter than the interior: a bright rim is a scalp (fat) on a skull-on head whose background
+#: was zeroed (BraTS FLAIR/T1: <= 1.05)
+STRIPPED_MAX_EDGE_RATIO = 1.5
 
 
 def foreground_mask(
@@ -270,7 +273,9 @@ def detect_skull_stripped(arr: np.ndarray, slice_axis: int | None = None) -> dic
     Skull-stripped input has a large, exactly constant background (any value: 0, or a negative constant after
     z-scoring) that touches the border, and the voxels just inside it are tissue, not noise. Raw skull-on scans may
     also hold many exact zeros (8-bit LGG slices, IXI), but there the region inside the constant background starts
-    with noise. Returns ``{"skull_stripped", "background" (the value or None), "background_fraction",
+    with noise; a skull-on head whose background was zeroed exactly starts with a bright scalp (an edge much
+    brighter than the interior is not taken as skull-stripped). Heuristic: a scan it gets wrong needs a brain mask
+    or ``--foreground``. Returns ``{"skull_stripped", "background" (the value or None), "background_fraction",
     "edge_ratio", "below_background"}``: the median distance from the background value of the voxels within 2
     voxels of the background (in-plane when ``slice_axis`` is given) over that of the deeper interior;
     ``below_background`` the fraction of non-background voxels below it (z-scored or interpolated data).
@@ -292,7 +297,8 @@ def detect_skull_stripped(arr: np.ndarray, slice_axis: int | None = None) -> dic
     out.update(background=float(v), background_fraction=round(frac, 4))
     if frac < STRIPPED_MIN_BACKGROUND or frac > 0.995:
         return out
-    inside = fill_mask_holes(~is_bg, slice_axis)  # the constant region touching the border is the background
+    # the constant region touching the border is the background; specks off it (noise) are not the object
+    inside = _clean(~is_bg, 0.1, True, slice_axis)
     box = _box(inside)
     inside, d = inside[box], np.abs(a[box] - v)
     out["below_background"] = round(float((a[box][inside] < v).mean()), 4)
@@ -305,7 +311,7 @@ def detect_skull_stripped(arr: np.ndarray, slice_axis: int | None = None) -> dic
     ref = float(np.median(d[deep]))
     ratio = float(np.median(d[shell])) / ref if ref > 0 else 0.0
     out["edge_ratio"] = round(ratio, 3)
-    out["skull_stripped"] = bool(ratio >= STRIPPED_MIN_EDGE_RATIO)
+    out["skull_stripped"] = bool(STRIPPED_MIN_EDGE_RATIO <= ratio <= STRIPPED_MAX_EDGE_RATIO)
     return out
 
 
