@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medanomaly.nets.tokens import TokenTransformer, ar_restore, ar_token_nll, mim_restore
+from medanomaly.nets.tokens import (
+    TokenTransformer,
+    _mix,
+    _row_keys,
+    ar_restore,
+    ar_token_nll,
+    keyed_gumbel_sample,
+    mim_restore,
+)
 
 
 def _ar(seq: int = 24, k: int = 32) -> TokenTransformer:
@@ -57,3 +65,45 @@ def test_batched_mim_restoration_equals_per_image() -> None:
     assert batched[1].any()
     assert torch.equal(batched[0], torch.cat([s[0] for s in single]))
     assert torch.equal(batched[1], torch.cat([s[1] for s in single]))
+
+
+def _mim_restore_all_rows(tokens, score_fn, mvtm, threshold, steps, restorations, seed, logit_bias=None):
+    """The restoration loop before the first-iteration shortcut: every forward on all B*R rows."""
+    b, n = tokens.shape
+    y = tokens.repeat_interleave(restorations, 0)
+    union = torch.zeros_like(y, dtype=torch.bool)
+    rows = _row_keys(tokens, restorations, seed)
+    for step in range(steps):
+        m = score_fn(y) > threshold
+        if not m.any():
+            break
+        logits = mvtm(torch.where(m, torch.full_like(y, mvtm.special_id), y))
+        ri, pi = m.nonzero(as_tuple=True)
+        sel = logits[ri, pi].float()
+        if logit_bias is not None:
+            sel = sel + logit_bias
+        y = y.clone()
+        y[ri, pi] = keyed_gumbel_sample(sel, _mix(_mix(rows[ri], step), pi), 1.0)
+        union |= m
+    return y.view(b, restorations, n), union.view(b, restorations, n)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_first_iteration_on_the_images_gives_the_all_rows_tokens(steps: int) -> None:
+    """MIM-OOD's first iteration runs detector and MVTM on the B images instead of the B*R equal rows: same tokens."""
+    torch.manual_seed(0)
+    mvtm = TokenTransformer(32, 20, 32, dim=32, depth=2, heads=4, drop_path=0.0).eval()
+    det = TokenTransformer(32, 20, 1, dim=32, depth=1, heads=4, drop_path=0.0).eval()
+
+    def score(t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(det(t).squeeze(-1))
+
+    tokens = torch.randint(0, 32, (5, 20))
+    bias = torch.zeros(32)
+    bias[-4:] = float("-inf")
+    with torch.no_grad():
+        thr = float(score(tokens).quantile(0.7))
+        ref = _mim_restore_all_rows(tokens, score, mvtm, thr, steps, 3, 2, bias)
+    new = mim_restore(tokens, score, mvtm, thr, steps=steps, restorations=3, seed=2, logit_bias=bias)
+    assert ref[1].any()
+    assert torch.equal(ref[0], new[0]) and torch.equal(ref[1], new[1])

@@ -357,7 +357,9 @@ def mim_restore(
     """MIM-OOD restoration of flattened tokens (B, N).
 
     The R restorations of every image run as one (B*R, N) batch; each of the T iterations is one forward of the
-    detector (``score_fn``: tokens -> per-token anomaly probabilities) and one of the MVTM. Tokens scoring above
+    detector (``score_fn``: tokens -> per-token anomaly probabilities) and one of the MVTM. In the first iteration the
+    R rows of an image are still equal, so both forwards run on the B images only (same result: a row's output does
+    not depend on the other rows of the batch). Tokens scoring above
     ``threshold`` are replaced by ``[MASK]`` and re-sampled from the MVTM; the others are kept. ``logit_bias`` (K,)
     is added to the logits before sampling (e.g. ``-inf`` for codebook entries never seen in training). Draws are
     keyed by (``seed``, the image's tokens, r, iteration, position): an image's restorations do not depend on the
@@ -369,12 +371,22 @@ def mim_restore(
     union = torch.zeros_like(y, dtype=torch.bool)
     rows = _row_keys(tokens, restorations, seed)
     for step in range(steps):
-        m = score_fn(y) > threshold
-        if not m.any():
-            break
-        logits = mvtm(torch.where(m, torch.full_like(y, mvtm.special_id), y))
-        ri, pi = m.nonzero(as_tuple=True)
-        sel = logits[ri, pi].float()
+        if step == 0:
+            # the R rows of an image are still equal: one detector and one MVTM forward per image, not per row
+            m0 = score_fn(tokens) > threshold
+            if not m0.any():
+                break
+            m = m0.repeat_interleave(restorations, 0)
+            logits = mvtm(torch.where(m0, torch.full_like(tokens, mvtm.special_id), tokens))
+            ri, pi = m.nonzero(as_tuple=True)
+            sel = logits[ri // restorations, pi].float()
+        else:
+            m = score_fn(y) > threshold
+            if not m.any():
+                break
+            logits = mvtm(torch.where(m, torch.full_like(y, mvtm.special_id), y))
+            ri, pi = m.nonzero(as_tuple=True)
+            sel = logits[ri, pi].float()
         if logit_bias is not None:
             sel = sel + logit_bias
         y = y.clone()
