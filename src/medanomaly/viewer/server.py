@@ -8,7 +8,10 @@ Endpoints (all ``GET``, under ``/TOKEN``):
 - ``/api/slice?case=I&k=K`` JSON: display slice ``K`` of case ``I`` (grey as base64 uint8, map as base64 float32,
   foreground and lesion as base64 uint8), in the overlays' orientation (radiological axial for volumes);
 - ``/api/components?case=I&t=T`` JSON: the connected components of ``map > T`` inside the foreground, whole case;
-- ``/api/overlay.png?case=I&k=K&t=T`` the slice drawn server-side (map colours, mask outline at ``T``).
+- ``/api/overlay.png?case=I&k=K&t=T`` the slice drawn server-side (map colours, mask outline at ``T``);
+- ``/api/volume/I/image.nii.gz``, ``/api/volume/I/map.nii.gz`` a volume case's image and map (map: its minimum outside
+  the foreground) as gzipped NIfTI with the case's affine, for the page's NiiVue panel (``static/niivue.umd.js``,
+  the unmodified NiiVue bundle, BSD-2-Clause, ``static/NIIVUE_LICENSE.txt``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from medanomaly.viewer.records import CaseData, ViewerError, find_view, load_cas
 __all__ = ["ViewerApp", "make_server", "serve"]
 
 HOST = "127.0.0.1"
-_STATIC = ("index.html", "viewer.js", "viewer.css")
+_STATIC = ("index.html", "viewer.js", "viewer.css", "niivue.umd.js", "NIIVUE_LICENSE.txt")
 
 
 class ViewerApp:
@@ -45,6 +48,7 @@ class ViewerApp:
         self.folder = Path(folder)
         self.base, self.cases = find_view(self.folder)
         self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._nii: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._size = cache
         self._lock = threading.Lock()
 
@@ -91,7 +95,7 @@ class ViewerApp:
         return {**info, "index": i, "n_slices": v.n, "width": int(first.shape[1]), "height": int(first.shape[0]),
                 "aspect": v.aspect, "labels": v.labels, "positions": v.positions, "orientation_note": v.note,
                 "start_slice": int(np.argmax(masses)), "scale": sc, "has_lesion": d.lesion is not None,
-                "has_foreground": d.foreground is not None}
+                "has_foreground": d.foreground is not None, "volume": d.affine is not None and d.image.ndim == 3}
 
     def cases_json(self) -> dict[str, Any]:
         return {"folder": str(self.folder), "cases": [self.case_info(i) for i in range(len(self.cases))]}
@@ -130,6 +134,32 @@ class ViewerApp:
         rows.sort(key=lambda r: -r["voxels"])
         return {"case": i, "threshold": t, "n_components": len(rows), "voxels": int(mask.sum()), "rows": rows[:50],
                 "mm": d.affine is not None}
+
+    def volume_nii(self, i: int, what: str) -> bytes:
+        """Gzipped NIfTI of a volume case's ``image`` or ``map`` (the map at its minimum outside the foreground)."""
+        import gzip
+
+        import nibabel as nib
+
+        if what not in ("image", "map"):
+            raise KeyError(f"no volume {what!r}")
+        with self._lock:
+            if (i, what) in self._nii:
+                return self._nii[(i, what)]
+        d = self._prepared(i)["data"]
+        if d.affine is None or d.image.ndim != 3:
+            raise KeyError(f"case {i} is not a volume with a patient geometry")
+        arr = d.image if what == "image" else d.amap
+        if what == "map" and d.foreground is not None:
+            arr = np.where(d.foreground, d.amap, float(d.amap.min()))
+        img = nib.Nifti1Image(np.asarray(arr, np.float32), d.affine)
+        img.header.set_xyzt_units("mm")
+        body = gzip.compress(img.to_bytes(), compresslevel=1)
+        with self._lock:
+            self._nii[(i, what)] = body
+            while len(self._nii) > 4:
+                self._nii.popitem(last=False)
+        return body
 
     def overlay_png(self, i: int, k: int, t: float | None) -> bytes:
         from PIL import Image
@@ -203,6 +233,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(app.slice_json(int(q["case"]), int(q["k"])))
             if rest == "api/components":
                 return self._json(app.components_json(int(q["case"]), float(q["t"])))
+            if rest.startswith("api/volume/"):
+                _, _, idx, name = rest.split("/", 3)
+                if name not in ("image.nii.gz", "map.nii.gz"):
+                    raise KeyError(f"no volume file {name!r}")
+                return self._send(200, app.volume_nii(int(idx), name.split(".")[0]), "application/gzip")
             if rest == "api/overlay.png":
                 t = float(q["t"]) if q.get("t") not in (None, "") else None
                 return self._send(200, app.overlay_png(int(q["case"]), int(q.get("k", 0)), t), "image/png")

@@ -1,4 +1,5 @@
-// medanomaly viewer: draws one slice at a time on a canvas from the local server's raw arrays.
+// medanomaly viewer: draws one slice at a time on a canvas from the local server's raw arrays; volumes with a
+// patient geometry also get a NiiVue multiplanar panel (static/niivue.umd.js, vendored).
 // Colours: the same scale and colour table as the PNG overlays (medanomaly.evaluation.overlays).
 // URL parameters: case=<index>, k=<slice>, t=<threshold level on the colour scale>, map=0 (hide the map).
 "use strict";
@@ -17,7 +18,7 @@ const LUT = (() => {  // colour_lut(): a cut of "hot", dark red -> yellow -> pal
 })();
 const MASK_RGB = [0, 229, 255], LESION_RGB = [57, 255, 20];
 
-const state = { cases: [], ci: -1, k: 0, level: null, slice: null, compTimer: null, seq: 0 };
+const state = { cases: [], ci: -1, k: 0, level: null, slice: null, compTimer: null, seq: 0, nv: null, nvCase: -1 };
 
 function interp(x, xp, yp) {  // numpy.interp
   const n = xp.length;
@@ -179,7 +180,52 @@ async function loadSlice() {
       fg: b64(j.foreground, Uint8Array), lesion: b64(j.lesion, Uint8Array) };
     showError("");
     draw();
+    nvSync();
   } catch (e) { showError(`slice: ${e.message}`); }
+}
+
+// ---- NiiVue panel (volumes with a patient geometry): image + map above the mask threshold, multiplanar
+async function nvShow(ci) {
+  const c = state.cases[ci], sec = $("nv-section"), cv = $("nv");
+  sec.hidden = !c.volume;
+  if (!c.volume) return;
+  if (typeof niivue === "undefined") { cv.dataset.status = "missing"; $("nv-note").textContent = "NiiVue did not load"; return; }
+  try {
+    if (!state.nv) {
+      state.nv = new niivue.Niivue({ backColor: [0, 0, 0, 1], show3Dcrosshair: false, crosshairColor: [0, 0.9, 1, 0.6] });
+      await state.nv.attachTo("nv");
+      state.nv.setRadiologicalConvention(true);
+      state.nv.setSliceType(state.nv.sliceTypeMultiplanar);
+    }
+    if (!state.nv.gl) throw new Error("no WebGL2");
+    cv.dataset.status = "loading";
+    const hi = scoreAt(c.scale, c.scale.hi_level);
+    await state.nv.loadVolumes([
+      { url: `api/volume/${ci}/image.nii.gz`, name: "image.nii.gz" },
+      { url: `api/volume/${ci}/map.nii.gz`, name: "map.nii.gz", colormap: "warm", opacity: 0.7,
+        cal_min: currentThreshold(), cal_max: Math.max(hi, currentThreshold() + 1e-6) },
+    ]);
+    if (ci !== state.ci) return;
+    state.nvCase = ci;
+    nvSync();
+    cv.dataset.status = "loaded";
+    cv.dataset.volumes = state.nv.volumes.length;
+  } catch (e) {
+    cv.dataset.status = "error";
+    $("nv-note").textContent = `NiiVue panel unavailable: ${e.message} (the slice view above has everything)`;
+  }
+}
+
+function nvSync() {  // the mask threshold and the slice of the canvas view, into NiiVue
+  const nv = state.nv, c = state.cases[state.ci];
+  if (!nv || state.nvCase !== state.ci || nv.volumes.length < 2) return;
+  const t = currentThreshold(), hi = scoreAt(c.scale, c.scale.hi_level);
+  nv.volumes[1].cal_min = t;
+  nv.volumes[1].cal_max = Math.max(hi, t + 1e-6);
+  nv.updateGLVolume();
+  const p = nv.scene.crosshairPos;
+  nv.scene.crosshairPos = [p[0], p[1], (state.k + 0.5) / c.n_slices];
+  nv.drawScene();
 }
 
 function setLevel(level) {
@@ -211,6 +257,7 @@ function selectCase(ci, first = false) {
   updateScores();
   loadSlice();
   scheduleComponents();
+  nvShow(ci);
 }
 
 async function main() {
@@ -227,10 +274,10 @@ async function main() {
     nav.appendChild(b);
   });
   $("slice-slider").addEventListener("input", (e) => { state.k = Number(e.target.value); loadSlice(); });
-  $("thr-slider").addEventListener("input", (e) => { setLevel(Number(e.target.value)); draw(); scheduleComponents(); });
+  $("thr-slider").addEventListener("input", (e) => { setLevel(Number(e.target.value)); draw(); nvSync(); scheduleComponents(); });
   $("thr-reset").addEventListener("click", () => {
     const c = state.cases[state.ci];
-    if (c.threshold !== null && c.threshold !== undefined) { setLevel(levelOf(c.scale, c.threshold)); draw(); scheduleComponents(); }
+    if (c.threshold !== null && c.threshold !== undefined) { setLevel(levelOf(c.scale, c.threshold)); draw(); nvSync(); scheduleComponents(); }
   });
   $("show-map").addEventListener("change", draw);
   $("slice").addEventListener("wheel", (e) => {
