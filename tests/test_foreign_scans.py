@@ -191,8 +191,8 @@ def test_each_guard_fires_and_strict_raises() -> None:
     assert lesion_guard(2, 100, "x") and not lesion_guard(1, 100, "x") and not lesion_guard(0, 0, "x")
     train = intensity_stats(np.random.default_rng(0).uniform(0, 1, 5000))
     same = intensity_stats(np.random.default_rng(1).uniform(0, 1, 5000))
-    far = intensity_stats(np.random.default_rng(1).uniform(0.5, 1, 5000))
-    assert intensity_shift(same, train) < 0.05 and intensity_shift(far, train) > 0.25
+    far = intensity_stats(np.random.default_rng(1).uniform(0.8, 1.8, 5000))
+    assert intensity_shift(same, train) < 0.05 and intensity_shift(far, train) > 0.5
     assert not intensity_guard(intensity_shift(same, train), "x") and intensity_guard(intensity_shift(far, train), "x")
     assert intensity_shift(same, None) is None
     with pytest.warns(GuardWarning, match="covers only"):

@@ -283,6 +283,7 @@ def _guards(prep: dict[str, Any], run_data: dict[str, Any], S: np.ndarray, M: np
             images: np.ndarray, what: str) -> tuple[dict[str, Any], list[str]]:
     """The numbers the guards read and their warnings (lesion masks are only counted, after prediction)."""
     from medanomaly.app.guards import (
+        MIN_INTENSITY_VALUES,
         coverage_guard,
         dropped_guard,
         intensity_guard,
@@ -298,7 +299,7 @@ def _guards(prep: dict[str, Any], run_data: dict[str, Any], S: np.ndarray, M: np
     total = int(Mb.sum()) + lost
     fg_vals = images[:, 0][F.astype(bool)] if images.shape[2:] == F.shape[1:] else images[:, 0].ravel()
     test_stats = intensity_stats(fg_vals)
-    shift = intensity_shift(test_stats, run_data.get("intensity"))
+    shift = intensity_shift(test_stats, run_data.get("intensity")) if fg_vals.size >= MIN_INTENSITY_VALUES else None
     g: dict[str, Any] = {
         "head_coverage_min": prep.get("head_coverage_min"),
         "lesion_voxels": total,
@@ -313,6 +314,8 @@ def _guards(prep: dict[str, Any], run_data: dict[str, Any], S: np.ndarray, M: np
     }
     if run_data.get("intensity") is None:
         g["intensity_note"] = "the run records no training intensity statistics (trained before they were recorded)"
+    elif fg_vals.size < MIN_INTENSITY_VALUES:
+        g["intensity_note"] = f"not compared: under {MIN_INTENSITY_VALUES} foreground values"
     msgs = coverage_guard(prep, what) + lesion_guard(outside, total, what) + dropped_guard(prep, what)
     msgs += intensity_guard(shift, what)
     return g, msgs

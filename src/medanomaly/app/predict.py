@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from medanomaly.app.errors import Echo, PipelineError, make_echo
+from medanomaly.app.guards import raise_or_warn
 
 __all__ = ["iter_predictions", "load_run", "predict_arrays", "predict_files"]
 
@@ -99,6 +100,86 @@ def _run_preset(cfg: dict[str, Any], run: str | Path) -> Any:
         raise PipelineError(f"{run}: its recorded preset does not load ({e})") from e
 
 
+def _override_preset(preset: Any, name: str | None, foreground: str | None) -> Any:
+    """``--preset`` (keeping the recorded parameters the other preset knows) and ``--foreground`` on the run's preset."""
+    from medanomaly.data.presets import PRESETS, get_preset
+
+    if not name and not foreground:
+        return preset
+    if name and name not in PRESETS:
+        raise PipelineError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    cls = PRESETS[name] if name else type(preset)
+    params = {k: v for k, v in preset.params.items() if k in cls.defaults}
+    if foreground:
+        if "foreground" not in cls.defaults:
+            raise PipelineError(f"--foreground: the preset {cls.name} has no foreground choice")
+        params["foreground"] = foreground
+    try:
+        return get_preset(cls.name, **params)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+
+
+def output_stems(inputs: Sequence[str | Path]) -> list[str]:
+    """The output name of each input: its file name without suffix; inputs that share one (BraTS folders all hold
+    ``FLAIR.nii.gz``) are prefixed with their parent folders' names (``case_0_FLAIR``), as many as make them unique
+    (then a running number)."""
+    paths = [Path(p) for p in inputs]
+    stems = [_stem(p) for p in paths]
+    for depth in range(1, 4):
+        dup = {s for s in stems if stems.count(s) > 1}
+        if not dup:
+            return stems
+        for i, p in enumerate(paths):
+            if _stem(p) in dup or stems[i] in dup:
+                parents = [q.name for q in list(p.resolve().parents)[:depth] if q.name][::-1]
+                stems[i] = "_".join([*parents, _stem(p)])
+    seen: dict[str, int] = {}
+    for i, s in enumerate(stems):
+        seen[s] = seen.get(s, 0) + 1
+        if stems.count(s) > 1:
+            stems[i] = f"{s}_{seen[s]}"
+    return stems
+
+
+def _read_brain(path: Path, ld: Any, image: Path) -> np.ndarray:
+    """A ``--brain-mask`` file, checked against its image's grid (shape and, for volumes, affine)."""
+    from medanomaly.data.io import DataError, read_mask
+
+    bm = read_mask(path)
+    arr = bm.array
+    while arr.ndim > 2 and arr.shape[-1] == 1 and arr.ndim > ld.array.ndim:
+        arr = arr[..., 0]
+    if arr.shape != ld.array.shape:
+        raise DataError(f"{path}: brain mask shape {arr.shape} does not match image {image} shape {ld.array.shape}")
+    if arr.ndim == 3 and not np.allclose(bm.affine, ld.affine, atol=1e-3):
+        raise DataError(f"{path}: brain mask geometry (affine) differs from image {image}")
+    return arr
+
+
+def _input_guards(meta: dict[str, Any], images: np.ndarray, fg: np.ndarray, run_data: dict[str, Any],
+                  path: Path) -> tuple[list[str], dict[str, Any]]:
+    """The guards one input can be checked by (no lesion mask here): coverage, dropped slices, intensity shift."""
+    from medanomaly.app.guards import (
+        MIN_INTENSITY_VALUES,
+        coverage_guard,
+        dropped_guard,
+        intensity_guard,
+        intensity_shift,
+        intensity_stats,
+        summarise_records,
+    )
+    from medanomaly.data.presets import prep_summary
+
+    prep = prep_summary(meta)
+    summary = summarise_records({str(path): prep})
+    fgb = np.asarray(fg, bool)
+    vals = images[:, 0][fgb[:, 0]] if images.ndim == fgb.ndim and len(images) else np.zeros(0)
+    shift = intensity_shift(intensity_stats(vals), run_data.get("intensity")) if vals.size >= MIN_INTENSITY_VALUES else None
+    what = str(path)
+    return coverage_guard(summary, what) + dropped_guard(summary, what) + intensity_guard(shift, what), prep
+
+
 def _read(path: Path, preset: Any, allow_irregular_spacing: bool = False) -> Any:
     from medanomaly.data.io import read_image
 
@@ -180,8 +261,18 @@ def predict_files(
     echo: Echo | None = None,
     allow_irregular_spacing: bool = False,
     threshold: str | None = None,
+    brain_masks: Sequence[str | Path] | None = None,
+    foreground: str | None = None,
+    preset: str | None = None,
+    strict: bool = False,
 ) -> list[Path]:
     """Anomaly maps for image files, written in each input's own geometry.
+
+    ``brain_masks``: one brain mask file per input (same grid), used by ``foreground="brain"``/``"mask"``;
+    ``foreground``/``preset`` override the run's recorded preset (as in ``evaluate``). Inputs that share a file name
+    (BraTS folders all hold ``FLAIR.nii.gz``) get their parent folder's name as a prefix (:func:`output_stems`).
+    The guards of :mod:`medanomaly.app.guards` (foreground coverage, dropped slices, intensity shift) warn per input,
+    or fail with ``strict``; ``scores.csv`` records the foreground, the skull-stripped detection and dropped slices.
 
     The run's stored preset preprocesses each input. ``brain-mri-2d`` runs take 2D images (PNG/JPEG/TIFF, 2D
     NIfTI, DICOM file) or 3D volumes (processed as axial slices, the map put back on the volume's grid); 3D presets
@@ -207,20 +298,23 @@ def predict_files(
         raise PipelineError(f"batch size must be >= 1, got {batch_size}")
     det, cfg = load_run(run)
     run_data = cfg.get("data") or {}
-    preset = _run_preset(cfg, run)
+    preset = _override_preset(_run_preset(cfg, run), preset, foreground)
     rule, thr = _threshold(run, threshold)
     from medanomaly.evaluation.overlays import run_scale, save_case_overlay
+    from medanomaly.viewer.records import add_predict_case
 
     scale = run_scale(run, cfg.get("method"))  # the run's healthy colour scale (None: per-image)
     want_shape = [int(s) for s in run_data.get("image_shape") or []]
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise PipelineError("no input files given")
-    stems = [_stem(p) for p in inputs]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise PipelineError(f"several inputs share the name {dup[0]!r}; predict them into different --out folders")
-    missing = [str(p) for p in inputs if not p.exists()]
+    stems = output_stems(inputs)
+    brains = [Path(b) for b in brain_masks or []]
+    if brains and len(brains) != len(inputs):
+        raise PipelineError(f"--brain-mask: give one brain mask per input ({len(inputs)} inputs, {len(brains)} masks)")
+    if brains and preset.name == "cxr":
+        raise PipelineError("--brain-mask applies to brain presets, not to the run's cxr preset")
+    missing = [str(p) for p in [*inputs, *brains] if not p.exists()]
     if missing:
         raise PipelineError(f"input(s) not found: {', '.join(missing)}")
     out = Path(out)
@@ -240,16 +334,20 @@ def predict_files(
 
     written: list[Path] = []
     rows = ["input,image_score,map,map_min,map_max" + (",threshold,threshold_rule,voxels_above,image_threshold,image_rule,"
-                                                        "abnormal" if rule is not None else "")]
+                                                        "abnormal" if rule is not None else "")
+            + ",foreground,skull_stripped,dropped_slices,warnings"]
     try:
-        for path, stem in tqdm(list(zip(inputs, stems, strict=True)), desc="predict", disable=quiet, dynamic_ncols=True,
-                               leave=False, delay=0.5):  # delay: a quick error prints no bar before it
+        for k_in, (path, stem) in enumerate(tqdm(list(zip(inputs, stems, strict=True)), desc="predict", disable=quiet,
+                                                 dynamic_ncols=True, leave=False, delay=0.5)):  # no bar before a quick error
             ld = _read(path, preset, allow_irregular_spacing)
             arr, fmt = ld.array, ld.meta.get("format")
+            bkw = {"brain": _read_brain(brains[k_in], ld, path)} if brains else {}
             if preset.spatial_dims == 2 and arr.ndim == 3:  # a volume through a 2D run: axial slices
-                st = preset.apply_volume(ld, where=f"{path}: ")
+                st = preset.apply_volume(ld, where=f"{path}: ", **bkw)
                 _check_shape(st.images.shape[2:], want_shape, path, preset.name)
                 keep = np.asarray(st.keep, bool)
+                guard_msgs, prep = _input_guards(st.meta, st.images[keep], st.foreground[keep], run_data, path)
+                raise_or_warn(guard_msgs, strict)
                 if not keep.any():
                     raise PipelineError(f"{path}: no slice of this volume passes the preset's slice filter (preset "
                                         f"{preset.name}: foreground fraction >= {preset.params.get('min_fg_fraction')})")
@@ -260,7 +358,9 @@ def predict_files(
                 score = float(scores.max())
                 target = write_nifti_map(amap, ld, out / f"{stem}_anomaly.nii.gz")
             else:
-                pre = preset(ld)
+                pre = preset(ld, **bkw)
+                guard_msgs, prep = _input_guards(pre.meta, pre.image[None], pre.foreground[None], run_data, path)
+                raise_or_warn(guard_msgs, strict)
                 _check_shape(pre.image.shape[1:], want_shape, path, preset.name)
                 if run_data.get("channels") is not None and pre.image.shape[0] != run_data["channels"]:
                     raise PipelineError(f"{path}: {pre.image.shape[0]} channel(s) after the preset, the run expects "
@@ -277,10 +377,13 @@ def predict_files(
                     target = write_png_map(amap, out / f"{stem}_anomaly.png")
             save_case_overlay(out / f"{stem}_overlay.png", ld, amap, fg_in, scale, thr, title=stem, image_score=score,
                               method=cfg.get("method"))
+            add_predict_case(out, stem, ld, path, amap, fg_in, scale, thr, score, run, cfg.get("method"))  # view.json
             written.append(Path(target))
             row = f"{path},{score:.6g},{Path(target).name},{float(amap.min()):.6g},{float(amap.max()):.6g}"
             if rule is not None:
                 row += "," + _threshold_outputs(thr, amap, np.asarray(fg_in) > 0.5, score, ld, out, stem)
+            row += "," + _csv_fields(prep.get("foreground"), prep.get("skull_stripped"), prep.get("n_dropped"),
+                                     " | ".join(guard_msgs))
             rows.append(row)
     finally:  # the inputs done before a failing one keep their scores
         if written:
