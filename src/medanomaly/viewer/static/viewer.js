@@ -60,9 +60,9 @@ function draw() {
   const c = state.cases[state.ci], s = state.slice;
   if (!c || !s) return;
   const w = s.width, h = s.height, sc = c.scale;
-  const cv = $("slice"), ctx = cv.getContext("2d");
-  cv.width = w; cv.height = h;
-  const img = ctx.createImageData(w, h), px = img.data;
+  const cv = $("slice"), off = document.createElement("canvas");
+  off.width = w; off.height = h;
+  const octx = off.getContext("2d"), img = octx.createImageData(w, h), px = img.data;
   const thr = currentThreshold(), showMap = $("show-map").checked;
   const mask = new Uint8Array(w * h);
   let nOverlay = 0, nMask = 0;
@@ -81,20 +81,34 @@ function draw() {
     if (thr !== null && inside && v > thr) { mask[i] = 1; nMask++; }
     px[4 * i] = r; px[4 * i + 1] = gg; px[4 * i + 2] = b; px[4 * i + 3] = 255;
   }
+  octx.putImageData(img, 0, 0);
+  // the slice enlarged without smoothing, outlines drawn on top as lines along the pixel borders
+  const zoom = Math.max(1, Math.min(640 / w, 640 / (h * c.aspect)));
+  const W = Math.round(w * zoom), H = Math.round(h * zoom * c.aspect), sx = W / w, sy = H / h;
+  cv.width = W; cv.height = H;
+  const ctx = cv.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(off, 0, 0, W, H);
   const outline = (m, rgb) => {
+    ctx.beginPath();
+    const inM = (x, y) => x >= 0 && y >= 0 && x < w && y < h && m[y * w + x] > 0;
     for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
-      const i = y * w + x;
-      if (!m[i]) continue;
-      const edge = x === 0 || y === 0 || x === w - 1 || y === h - 1 || !m[i - 1] || !m[i + 1] || !m[i - w] || !m[i + w];
-      if (edge) { px[4 * i] = rgb[0]; px[4 * i + 1] = rgb[1]; px[4 * i + 2] = rgb[2]; }
+      if (!m[y * w + x]) continue;
+      const X0 = Math.round(x * sx), X1 = Math.round((x + 1) * sx), Y0 = Math.round(y * sy), Y1 = Math.round((y + 1) * sy);
+      if (!inM(x, y - 1)) { ctx.moveTo(X0, Y0); ctx.lineTo(X1, Y0); }
+      if (!inM(x, y + 1)) { ctx.moveTo(X0, Y1); ctx.lineTo(X1, Y1); }
+      if (!inM(x - 1, y)) { ctx.moveTo(X0, Y0); ctx.lineTo(X0, Y1); }
+      if (!inM(x + 1, y)) { ctx.moveTo(X1, Y0); ctx.lineTo(X1, Y1); }
     }
+    ctx.strokeStyle = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`;
+    ctx.lineWidth = 2;
+    ctx.lineCap = "square";
+    ctx.stroke();
   };
   if (s.lesion) outline(s.lesion, LESION_RGB);
   outline(mask, MASK_RGB);
-  ctx.putImageData(img, 0, 0);
-  const zoom = Math.max(1, Math.min(640 / w, 640 / (h * c.aspect)));
-  cv.style.width = `${Math.round(w * zoom)}px`;
-  cv.style.height = `${Math.round(h * zoom * c.aspect)}px`;
+  cv.style.width = `${W}px`;
+  cv.style.height = `${H}px`;
   $("cbar").style.height = cv.style.height;
   cv.dataset.overlayPixels = nOverlay;
   cv.dataset.maskPixels = nMask;
