@@ -306,3 +306,42 @@ def test_report_page_links_cases_to_the_viewer(tmp_path: Path) -> None:
     _, cases = find_view(tmp_path / "ev")
     assert {c["id"].split("-")[0] for c in cases} >= {"best", "worst"}
     assert all((tmp_path / "ev" / "cases" / f"{c['id']}.png").is_file() for c in cases)
+
+
+def test_predict_writes_what_the_viewer_shows(tmp_path: Path) -> None:
+    """End to end: train a tiny intensity run, predict a PNG and a NIfTI volume with a calibrated threshold, open the
+    output folder in the viewer."""
+    import csv
+
+    import nibabel as nib
+    from PIL import Image
+
+    from medanomaly.app.predict import predict_files
+    from medanomaly.app.train import train_run
+    from medanomaly.data import make_toy_dataset
+    from medanomaly.viewer.server import ViewerApp
+
+    rows = []
+    for split, ds in (("train", make_toy_dataset(8, 32, seed=1)), ("val", make_toy_dataset(4, 32, seed=2))):
+        for i in range(len(ds)):
+            name = f"{split}_{i}.png"
+            Image.fromarray(np.round(ds[i]["image"][0].numpy() * 255).astype(np.uint8)).save(tmp_path / name)
+            rows.append({"case_id": f"{split}_{i}", "image": name, "mask": "", "label": 0, "split": split})
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    run = tmp_path / "run"
+    train_run("intensity", str(tmp_path / "m.csv"), run, size=32, quiet=True)
+    test = make_toy_dataset(1, 32, abnormal_fraction=1.0, seed=3, spatial_dims=3)
+    vol = (test[0]["image"][0].numpy() * 100).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, AFF), str(tmp_path / "vol.nii.gz"))
+    out = tmp_path / "maps"
+    predict_files(run, [tmp_path / "train_0.png", tmp_path / "vol.nii.gz"], out, quiet=True, threshold="fpr=0.01,image-fpr=0.05")
+    rec = json.loads((out / "view.json").read_text())
+    assert [c["id"] for c in rec["cases"]] == ["train_0", "vol"]
+    assert all(c["scale"]["kind"] == "healthy" and c["threshold"] is not None for c in rec["cases"])
+    assert (out / "vol_foreground.nii.gz").is_file() and (out / "train_0_foreground.png").is_file()
+    cases = ViewerApp(out).cases_json()["cases"]
+    assert not any("error" in c for c in cases)
+    assert cases[1]["volume"] and tuple(cases[1]["labels"]) == ("R", "L", "A", "P") and not cases[0]["volume"]
