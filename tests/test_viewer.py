@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from medanomaly.evaluation.calibration import QuantileSketch
-from medanomaly.evaluation.overlays import healthy_scale, slice_view
-from medanomaly.viewer.records import ViewerError, add_predict_case, find_view, write_report_cases
+from medanomaly.evaluation.overlays import healthy_scale, slice_view, write_report_cases
+from medanomaly.viewer.records import ViewerError, add_predict_case, find_view
 from medanomaly.viewer.server import make_server
 
 AFF = np.array([[-1.5, 0, 0, 20.0], [0, -1.5, 0, 30.0], [0, 0, 3.0, -12.0], [0, 0, 0, 1]])  # LPS-stored, like BraTS

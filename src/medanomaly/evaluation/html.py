@@ -157,7 +157,7 @@ def write_report(
     ``train_log.jsonl`` records) gives the training-curve figure. Without them the report is as before.
 
     With ``images``, the picked cases (best/median/worst, healthy) also go to ``cases/`` for ``medanomaly view``
-    (:func:`medanomaly.viewer.records.write_report_cases`) with full-resolution clinician overlays, coloured on the
+    (:func:`medanomaly.evaluation.overlays.write_report_cases`) with full-resolution clinician overlays, coloured on the
     run's healthy ``calibration`` scale with the mask at ``calibrated_threshold``; the page links each case to the
     viewer command.
     """
@@ -259,7 +259,7 @@ def write_report(
                                     + (", with their restorations" if rest is not None else "")))
                     save_fig(fig, figures[-1][0])
         if im is not None and view_picks:  # the cases for `medanomaly view`, with full-resolution overlays
-            from medanomaly.viewer.records import write_report_cases
+            from medanomaly.evaluation.overlays import write_report_cases
 
             view_cases = write_report_cases(out, view_picks, im, s, m, f, case_ids, img_scores, calibration=calibration,
                                             threshold=calibrated_threshold, method=method)

@@ -17,6 +17,7 @@ numpy only at import; matplotlib is imported when a figure is drawn. :func:`colo
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["MapScale", "SCORE_MEANING", "SliceView", "colour_lut", "composite", "grey_range", "healthy_scale", "image_scale",
-           "map_scale", "render_case", "score_meaning", "slice_view"]
+           "map_scale", "render_case", "score_meaning", "slice_view",
+           "write_report_cases"]
 
 #: what the pixel score of each method is, in words (shown under the colour bar)
 SCORE_MEANING: dict[str, str] = {
@@ -292,7 +294,7 @@ def render_case(
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap, Normalize
 
-    from medanomaly.training.atomic import atomic_write_bytes
+    from medanomaly.evaluation._output import atomic_write
 
     img = np.asarray(image, np.float32)
     a = np.asarray(amap, np.float32)
@@ -385,7 +387,7 @@ def render_case(
     plt.close(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -417,3 +419,63 @@ def save_case_overlay(path: str | Path, loaded: Any, amap: np.ndarray, foregroun
             text += f" ({'ABNORMAL' if image_score > it else 'normal'} at {str(thr.get('image_rule')).split(' (')[0]})"
     affine = loaded.affine if loaded.meta.get("format") in _AFFINE_FORMATS else None
     return render_case(path, loaded.array, amap, scale=sc, affine=affine, foreground=fg, threshold=t, title=text.strip())
+
+
+# ------------------------------------------------------------------------------------- report cases for the viewer
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "case"
+
+
+def _short_label(label: str) -> str:
+    """A report pick's label as a short id part: "best", "normal2", "normal-median", "highest-score" ..."""
+    m = re.match(r"normal, score rank (\d+)", label)
+    if m:
+        return f"normal{m.group(1)}"
+    if label.startswith("normal, median"):
+        return "normal-median"
+    return label.split(",")[0].strip().replace(" ", "-")
+
+
+def _write_view_json(path: Path, rec: dict[str, Any]) -> None:
+    import json
+
+    from medanomaly.evaluation._output import atomic_write, json_safe
+
+    atomic_write(path, json.dumps(json_safe(rec), indent=1) + "\n")
+
+
+def write_report_cases(out: Path, picks: list[tuple[str, int, str]], images: np.ndarray, scores: np.ndarray,
+                       masks: np.ndarray | None, foreground: np.ndarray | None, case_ids: list[Any] | None,
+                       img_scores: np.ndarray | None, *, calibration: dict[str, Any] | None = None,
+                       threshold: float | None = None, method: str | None = None) -> list[dict[str, Any]]:
+    """The report's viewer cases: ``cases/<id>.npz`` (image, map, lesion, foreground on the evaluated grid), a
+    full-resolution overlay ``cases/<id>.png`` (:func:`medanomaly.evaluation.overlays.render_case`) and
+    ``cases/view.json``. Returns the case entries (with ``png``, the overlay's path)."""
+    folder = Path(out) / "cases"
+    folder.mkdir(parents=True, exist_ok=True)
+    healthy = healthy_scale(calibration, method)
+    entries, seen = [], set()
+    for label, i, caption in picks:
+        name = str(case_ids[i]) if case_ids is not None else f"image {i}"
+        cid = _slug(f"{_short_label(label)}-{name}")
+        if cid in seen:
+            continue
+        seen.add(cid)
+        fg = None if foreground is None else np.asarray(foreground[i], bool)
+        les = None if masks is None else np.asarray(masks[i], bool)
+        sc = healthy if healthy is not None else image_scale(scores[i], fg, method)
+        png = render_case(folder / f"{cid}.png", images[i], scores[i], scale=sc, lesion=les, foreground=fg,
+                          threshold=threshold, title=f"{label}: {caption}")
+        arrays = {"image": np.asarray(images[i], np.float32), "map": np.asarray(scores[i], np.float32)}
+        if fg is not None:
+            arrays["foreground"] = fg
+        if les is not None:
+            arrays["lesion"] = les
+        np.savez_compressed(folder / f"{cid}.npz", **arrays)
+        entries.append({"id": cid, "title": f"{label}: {caption}", "npz": f"{cid}.npz", "png": str(png),
+                        "image_score": None if img_scores is None else float(img_scores[i]), "threshold": threshold,
+                        "threshold_rule": "calibrated (fpr on healthy validation voxels)" if threshold is not None else None,
+                        "scale": sc.to_json(), "method": method, "has_affine": False})
+    _write_view_json(folder / "view.json", {"version": 1, "cases": [
+        {k: v for k, v in e.items() if k != "png"} for e in entries]})
+    return entries

@@ -1,5 +1,5 @@
-"""What the viewer shows: ``view.json`` records written beside maps (by ``predict``) and report cases (by
-``evaluate``), and the cases read back from them.
+"""What the viewer shows: ``view.json`` records written beside maps (by ``predict``, :func:`add_predict_case`) and
+report cases (by ``evaluate``, :func:`medanomaly.evaluation.overlays.write_report_cases`), read back as cases.
 
 A folder the viewer opens holds ``view.json`` (``predict --out`` folders) or ``cases/view.json`` (``evaluate``
 report folders): ``{"version": 1, "cases": [...]}``, one entry per case with its id, the files of its image, map,
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VIEW_FILE", "CaseData", "ViewerError", "add_predict_case", "find_view", "load_case", "write_report_cases"]
+__all__ = ["VIEW_FILE", "CaseData", "ViewerError", "add_predict_case", "find_view", "load_case"]
 
 VIEW_FILE = "view.json"
 VIEW_VERSION = 1
@@ -41,20 +41,6 @@ class CaseData:
     affine: np.ndarray | None
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "case"
-
-
-def _short_label(label: str) -> str:
-    """A report pick's label as a short id part: "best", "normal2", "normal-median", "highest-score" ..."""
-    m = re.match(r"normal, score rank (\d+)", label)
-    if m:
-        return f"normal{m.group(1)}"
-    if label.startswith("normal, median"):
-        return "normal-median"
-    return label.split(",")[0].strip().replace(" ", "-")
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         rec = json.loads(path.read_text())
@@ -66,7 +52,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, rec: dict[str, Any]) -> None:
-    from medanomaly.evaluation._output import json_safe
+    from medanomaly.evaluation import json_safe
     from medanomaly.training.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(json_safe(rec), indent=1) + "\n")
@@ -116,45 +102,6 @@ def add_predict_case(out: Path, stem: str, loaded: Any, input_path: Path, amap: 
     rec = _read_json(path) if path.is_file() else {"version": VIEW_VERSION, "cases": []}
     rec["cases"] = [c for c in rec["cases"] if c.get("id") != stem] + [case]
     _write_json(path, rec)
-
-
-def write_report_cases(out: Path, picks: list[tuple[str, int, str]], images: np.ndarray, scores: np.ndarray,
-                       masks: np.ndarray | None, foreground: np.ndarray | None, case_ids: list[Any] | None,
-                       img_scores: np.ndarray | None, *, calibration: dict[str, Any] | None = None,
-                       threshold: float | None = None, method: str | None = None) -> list[dict[str, Any]]:
-    """The report's viewer cases: ``cases/<id>.npz`` (image, map, lesion, foreground on the evaluated grid), a
-    full-resolution overlay ``cases/<id>.png`` (:func:`medanomaly.evaluation.overlays.render_case`) and
-    ``cases/view.json``. Returns the case entries (with ``png``, the overlay's path)."""
-    from medanomaly.evaluation.overlays import healthy_scale, image_scale, render_case
-
-    folder = Path(out) / "cases"
-    folder.mkdir(parents=True, exist_ok=True)
-    healthy = healthy_scale(calibration, method)
-    entries, seen = [], set()
-    for label, i, caption in picks:
-        name = str(case_ids[i]) if case_ids is not None else f"image {i}"
-        cid = _slug(f"{_short_label(label)}-{name}")
-        if cid in seen:
-            continue
-        seen.add(cid)
-        fg = None if foreground is None else np.asarray(foreground[i], bool)
-        les = None if masks is None else np.asarray(masks[i], bool)
-        sc = healthy if healthy is not None else image_scale(scores[i], fg, method)
-        png = render_case(folder / f"{cid}.png", images[i], scores[i], scale=sc, lesion=les, foreground=fg,
-                          threshold=threshold, title=f"{label}: {caption}")
-        arrays = {"image": np.asarray(images[i], np.float32), "map": np.asarray(scores[i], np.float32)}
-        if fg is not None:
-            arrays["foreground"] = fg
-        if les is not None:
-            arrays["lesion"] = les
-        np.savez_compressed(folder / f"{cid}.npz", **arrays)
-        entries.append({"id": cid, "title": f"{label}: {caption}", "npz": f"{cid}.npz", "png": str(png),
-                        "image_score": None if img_scores is None else float(img_scores[i]), "threshold": threshold,
-                        "threshold_rule": "calibrated (fpr on healthy validation voxels)" if threshold is not None else None,
-                        "scale": sc.to_json(), "method": method, "has_affine": False})
-    _write_json(folder / VIEW_FILE, {"version": VIEW_VERSION, "cases": [
-        {k: v for k, v in e.items() if k != "png"} for e in entries]})
-    return entries
 
 
 # --------------------------------------------------------------------------------------------------- reading

@@ -201,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, obj: Any, status: int = 200) -> None:
-        from medanomaly.evaluation._output import json_safe
+        from medanomaly.evaluation import json_safe
 
         self._send(status, json.dumps(json_safe(obj)).encode(), "application/json")
 
