@@ -316,7 +316,7 @@ def _guards(prep: dict[str, Any], run_data: dict[str, Any], S: np.ndarray, M: np
         g["intensity_note"] = "the run records no training intensity statistics (trained before they were recorded)"
     elif fg_vals.size < MIN_INTENSITY_VALUES:
         g["intensity_note"] = f"not compared: under {MIN_INTENSITY_VALUES} foreground values"
-    msgs = coverage_guard(prep, what) + lesion_guard(outside, total, what) + dropped_guard(prep, what)
+    msgs = coverage_guard(prep, what) + lesion_guard(outside, total, what, lost) + dropped_guard(prep, what)
     msgs += intensity_guard(shift, what)
     return g, msgs
 

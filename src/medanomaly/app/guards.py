@@ -149,12 +149,14 @@ def dropped_guard(summary: dict[str, Any], what: str) -> list[str]:
             "check --foreground (a skull strip on a skull-stripped scan?) and the preset's min_fg_fraction"]
 
 
-def lesion_guard(outside: int, total: int, what: str) -> list[str]:
+def lesion_guard(outside: int, total: int, what: str, dropped: int = 0) -> list[str]:
+    """``dropped``: how many of the ``outside`` voxels lie in slices the slice filter drops (or a crop cuts off)."""
     if total <= 0 or outside / total <= MAX_LESION_OUTSIDE:
         return []
+    hint = ("most of them in slices the slice filter drops: lower the preset's min_fg_fraction (e.g. "
+            "--data x.csv:view=slices,min_fg_fraction=0.05)" if 2 * dropped > outside else "check --foreground")
     return [f"{what}: {outside} of {total} lesion voxels ({100 * outside / total:.1f} %) fall outside the evaluated area "
-            f"(foreground of the kept slices; over {100 * MAX_LESION_OUTSIDE:.0f} %): the metrics ignore them; check "
-            "--foreground"]
+            f"(foreground of the kept slices; over {100 * MAX_LESION_OUTSIDE:.0f} %): the metrics ignore them; {hint}"]
 
 
 def intensity_guard(shift: float | None, what: str) -> list[str]:
