@@ -392,7 +392,8 @@ def render_case(
 
 
 # ------------------------------------------------------------------------------------------------ pipeline hooks
-_AFFINE_FORMATS = ("nifti", "dicom", "dicom-series")  # formats whose affine is a real patient geometry
+# formats whose affine is a real patient geometry (a single DICOM file is read with a spacing-only affine: no L/R)
+AFFINE_FORMATS = ("nifti", "dicom-series")
 
 
 def run_scale(run: str | Path, method: str | None = None) -> MapScale | None:
@@ -417,7 +418,7 @@ def save_case_overlay(path: str | Path, loaded: Any, amap: np.ndarray, foregroun
         text += f"   image score {image_score:.4g}"
         if it is not None:
             text += f" ({'ABNORMAL' if image_score > it else 'normal'} at {str(thr.get('image_rule')).split(' (')[0]})"
-    affine = loaded.affine if loaded.meta.get("format") in _AFFINE_FORMATS else None
+    affine = loaded.affine if loaded.meta.get("format") in AFFINE_FORMATS else None
     return render_case(path, loaded.array, amap, scale=sc, affine=affine, foreground=fg, threshold=t, title=text.strip())
 
 

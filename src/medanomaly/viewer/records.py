@@ -65,7 +65,7 @@ def add_predict_case(out: Path, stem: str, loaded: Any, input_path: Path, amap: 
     """``predict``'s record of one input: writes ``<stem>_foreground`` (NIfTI for volumes/NIfTI input, else PNG)
     and adds/replaces the case in ``out/view.json``."""
     from medanomaly.data.io import write_nifti_mask
-    from medanomaly.evaluation.overlays import image_scale
+    from medanomaly.evaluation.overlays import AFFINE_FORMATS, image_scale
 
     out = Path(out)
     fg = np.asarray(foreground) > 0.5 if foreground is not None else np.ones(np.shape(amap), bool)
@@ -96,7 +96,7 @@ def add_predict_case(out: Path, stem: str, loaded: Any, input_path: Path, amap: 
         "image_score": float(image_score), "threshold": thr.get("voxel_threshold"), "threshold_rule": thr.get("voxel_rule"),
         "image_threshold": thr.get("image_threshold"), "image_rule": thr.get("image_rule"),
         "scale": sc.to_json(), "run": str(Path(run).resolve()), "method": method,
-        "has_affine": loaded.meta.get("format") in ("nifti", "dicom", "dicom-series"),
+        "has_affine": loaded.meta.get("format") in AFFINE_FORMATS,
     }
     path = out / VIEW_FILE
     rec = _read_json(path) if path.is_file() else {"version": VIEW_VERSION, "cases": []}
