@@ -292,3 +292,44 @@ def test_bids_without_matching_files_is_one_error(root: Path, tmp_path: Path) ->
     assert "not a folder" in msg
     msg = _invoke("predict", "--model", NAME, "--bids", bids, "x.nii.gz", ok=False).output
     assert "give no input files" in msg
+
+
+# -- the models the package ships ----------------------------------------------------------------------------------
+def test_package_models_are_complete_and_load() -> None:
+    """Every model in the package's own models folder: hash matches, card names the hash, run folder loads."""
+    from medanomaly.app.models import CARD_FILE, INFO_FILE
+    from medanomaly.app.predict import load_run
+
+    pkg = Path(__file__).resolve().parents[1] / "src" / "medanomaly" / "models"
+    found = list_models(pkg)
+    if not found:
+        pytest.skip("no shipped models in this checkout")
+    for name, m in found.items():
+        m.verify()
+        info = json.loads((m.path / INFO_FILE).read_text())
+        assert {"summary", "modality", "input_dims", "needs", "weights_sha256"} <= set(info), name
+        assert info["weights_sha256"] in (m.path / CARD_FILE).read_text(), name
+        det, cfg = load_run(m.path)  # checks finished.json's hashes of every file
+        assert cfg["data"]["preset_config"], name
+    total = sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file())
+    assert total < 50 * 2**20, f"shipped models take {total / 2**20:.1f} MB"
+
+
+def test_dicom_series_resampled_onto_a_regular_grid(root: Path, tmp_path: Path) -> None:
+    """A series with a missing slice, resampled (--allow-irregular-spacing): explicit plane positions on the
+    resampled grid, still in the source's Frame of Reference."""
+    import pydicom
+
+    series = _series(tmp_path / "gap")
+    files = sorted(series.iterdir())
+    files[len(files) // 2].unlink()
+    out = tmp_path / "maps"
+    predict_command(None, [series], out, model=NAME, quiet=True, allow_irregular_spacing=True)
+    img = nib.load(str(out / "gap_anomaly.nii.gz"))
+    pm = pydicom.dcmread(str(out / "gap_anomaly_pmap.dcm"))
+    assert int(pm.NumberOfFrames) == img.shape[2] == len(files)  # the gap is filled back on the regular grid
+    assert pm.FrameOfReferenceUID == pydicom.dcmread(str(files[0])).FrameOfReferenceUID
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    want = sorted(float((lps[:3, 3] + k * lps[:3, 2])[2]) for k in range(img.shape[2]))
+    got = sorted(float(fg.PlanePositionSequence[0].ImagePositionPatient[2]) for fg in pm.PerFrameFunctionalGroupsSequence)
+    np.testing.assert_allclose(got, want, atol=1e-4)
