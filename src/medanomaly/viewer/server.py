@@ -133,7 +133,7 @@ class ViewerApp:
         rows = components_table(mask, d.amap, aff)
         rows.sort(key=lambda r: -r["voxels"])
         return {"case": i, "threshold": t, "n_components": len(rows), "voxels": int(mask.sum()), "rows": rows[:50],
-                "mm": d.affine is not None}
+                "mm": d.affine is not None, "ndim": int(mask.ndim)}
 
     def volume_nii(self, i: int, what: str) -> bytes:
         """Gzipped NIfTI of a volume case's ``image`` or ``map`` (the map at its minimum outside the foreground)."""

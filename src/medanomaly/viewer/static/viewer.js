@@ -170,13 +170,13 @@ async function loadComponents() {
   try {
     const j = await getJSON(`api/components?case=${ci}&t=${t}`);
     if (ci !== state.ci) return;
-    const unit = j.mm ? "mm" : "px";
+    const unit = j.mm ? "x, y, z mm" : (j.ndim === 2 ? "row, column" : "voxel index");
     let html = `${j.n_components} component(s), ${j.voxels} voxel(s) above ${fmt(t, 4)}`;
     if (j.rows.length) {
       html += `<table><tr><th>#</th><th>voxels</th>${j.mm ? "<th>volume mL</th>" : ""}<th>peak</th><th>mean</th><th>centroid (${unit})</th></tr>`;
       for (const r of j.rows.slice(0, 20)) {
         html += `<tr><td>${r.component}</td><td>${r.voxels}</td>${j.mm ? `<td>${fmt(r.volume_ml)}</td>` : ""}<td>${fmt(r.peak_score)}</td>` +
-          `<td>${fmt(r.mean_score)}</td><td>${[r.centroid_x_mm, r.centroid_y_mm, r.centroid_z_mm].map((v) => v.toFixed(1)).join(", ")}</td></tr>`;
+          `<td>${fmt(r.mean_score)}</td><td>${[r.centroid_x_mm, r.centroid_y_mm, r.centroid_z_mm].slice(0, j.mm ? 3 : j.ndim).map((v) => v.toFixed(1)).join(", ")}</td></tr>`;
       }
       html += "</table>";
       if (j.n_components > 20) html += `<span class="note">largest 20 of ${j.n_components}</span>`;
@@ -302,6 +302,14 @@ async function main() {
     $("slice-slider").value = state.k;
     loadSlice();
   }, { passive: false });
+  document.addEventListener("keydown", (e) => {  // up/down arrows step through the slices
+    const c = state.cases[state.ci];
+    if (!c || c.n_slices <= 1 || !["ArrowUp", "ArrowDown"].includes(e.key) || e.target.tagName === "INPUT") return;
+    e.preventDefault();
+    state.k = Math.max(0, Math.min(c.n_slices - 1, state.k + (e.key === "ArrowUp" ? 1 : -1)));
+    $("slice-slider").value = state.k;
+    loadSlice();
+  });
   const ci = Number(params.get("case") || 0);
   if (j.cases.length) selectCase(Math.max(0, Math.min(j.cases.length - 1, ci)), true);
 }
