@@ -298,6 +298,8 @@ def test_multiclass_masks_need_lesion_labels(files: dict[str, Path], run2d: Path
     assert rec["preset_config"]["foreground"] == "brain" and rec["warnings"] == []
     assert rec["guards"]["lesion_voxels_outside"] == 0 and rec["guards"]["intensity_shift"] is not None
     assert "skull-stripped input detected in 2 of 2 cases" in (tmp_path / "egt0" / "report.html").read_text()
+    settings = json.loads((tmp_path / "egt0" / "settings.json").read_text())
+    assert json.loads(settings["preset"])["foreground"] == "brain" and settings["dropped_slices"] == "{}"
     res = invoke("evaluate", run2d, "--data", "lgg-flair-2d", "--lesion-labels", "1", "--out", tmp_path / "x", ok=False)
     assert res.exit_code == 1 and "applies to manifests" in res.output
 

@@ -261,6 +261,7 @@ def evaluate_run(
                 "split": split,
                 "preset": json.dumps(used or run_data.get("preset")),
                 "preprocessing": _describe_prep(prep),
+                "dropped_slices": json.dumps(prep.get("dropped_by_case") or {}) if "slices" in prep else "none (no slice filter)",
                 "trained_on": f"{run_data.get('name')} / {run_data.get('split')} ({run_data.get('n_train')} healthy images)",
                 "seed": (cfg.get("train") or {}).get("seed"),
                 "batch_size": batch_size,
