@@ -180,7 +180,8 @@ def predict(
     """Anomaly maps for new images, written in each input's own geometry.
 
     A 3D input gives `<name>_anomaly.nii.gz` (same affine); a 2D input `<name>_anomaly.png` (and `.nii.gz` for
-    NIfTI input); every input also an overlay `<name>_overlay.png`. Image scores go to `scores.csv`.
+    NIfTI input); every input also an overlay `<name>_overlay.png` (most anomalous slice + montage, colours on the
+    run's healthy scale). Image scores go to `scores.csv`; `view.json` lets `medanomaly view OUT` show them.
 
     Examples:
 

@@ -278,7 +278,9 @@ def predict_files(
     NIfTI, DICOM file) or 3D volumes (processed as axial slices, the map put back on the volume's grid); 3D presets
     take volumes (NIfTI, DICOM folder); ``cxr`` takes 2D images. Writes ``<name>_anomaly.nii.gz`` for NIfTI/volume
     inputs, ``<name>_anomaly.png`` for 2D inputs (scaled from the map's min..max, recorded in ``scores.csv``),
-    ``<name>_overlay.png`` for all, and ``scores.csv`` (image score per input; when an input fails, for the
+    ``<name>_overlay.png`` for all (:mod:`medanomaly.evaluation.overlays`: the run's healthy colour scale),
+    ``<name>_foreground`` (the voxels scored) and ``view.json`` for ``medanomaly view``, and ``scores.csv``
+    (image score per input; when an input fails, for the
     inputs done before it). ``allow_irregular_spacing``: a DICOM series with uneven slice steps is resampled onto
     its median step (the map is written on that regular grid) instead of refused. Returns the map paths.
 
