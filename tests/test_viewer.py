@@ -194,6 +194,12 @@ def test_report_cases_are_viewable(tmp_path: Path) -> None:
                                  threshold=2.3, method="zscore")
     assert [e["id"] for e in entries] == ["best-caseA", "worst-caseB"]
     assert all(Path(e["png"]).is_file() for e in entries)
+    # a report written again over it: the cases it no longer lists are removed, the others rewritten
+    write_report_cases(tmp_path, [("best", 1, "b")], images, scores, masks, fgs, ["caseA", "caseB"], None)
+    assert sorted(p.name for p in (tmp_path / "cases").iterdir()) == ["best-caseB.npz", "best-caseB.png", "view.json"]
+    entries = write_report_cases(tmp_path, [("best", 0, "a  DICE 0.9"), ("worst", 1, "b  DICE 0.1")], images, scores,
+                                 masks, fgs, ["caseA", "caseB"], np.array([4.0, 3.0]), calibration=_calibration(),
+                                 threshold=2.3, method="zscore")
     srv = make_server(tmp_path)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()

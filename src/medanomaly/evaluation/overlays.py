@@ -477,6 +477,22 @@ def write_report_cases(out: Path, picks: list[tuple[str, int, str]], images: np.
                         "image_score": None if img_scores is None else float(img_scores[i]), "threshold": threshold,
                         "threshold_rule": "calibrated (fpr on healthy validation voxels)" if threshold is not None else None,
                         "scale": sc.to_json(), "method": method, "has_affine": False})
+    _drop_stale_cases(folder, {e["id"] for e in entries})
     _write_view_json(folder / "view.json", {"version": 1, "cases": [
         {k: v for k, v in e.items() if k != "png"} for e in entries]})
     return entries
+
+
+def _drop_stale_cases(folder: Path, keep: set[str]) -> None:
+    """Remove the files of the cases an earlier report listed in ``folder/view.json`` and this one does not."""
+    import json
+
+    try:
+        old = json.loads((folder / "view.json").read_text()).get("cases") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    for c in old:
+        cid = str(c.get("id", "")) if isinstance(c, dict) else ""
+        if cid and cid not in keep and cid == _slug(cid):  # only names this module made
+            for suffix in (".npz", ".png"):
+                (folder / f"{cid}{suffix}").unlink(missing_ok=True)
