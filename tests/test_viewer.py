@@ -308,7 +308,7 @@ def test_report_page_links_cases_to_the_viewer(tmp_path: Path) -> None:
                         sample_scores=scores.reshape(n, -1).max(1), sample_labels=masks.reshape(n, -1).any(1).astype(int),
                         calibration=_calibration(), calibrated_threshold=2.3, method="zscore")
     text = page.read_text()
-    assert "Cases, full resolution, in the viewer" in text and "medanomaly view" in text and "--case best-c" in text
+    assert "Cases, full size, in the viewer" in text and "medanomaly view" in text and "--case best-c" in text
     _, cases = find_view(tmp_path / "ev")
     assert {c["id"].split("-")[0] for c in cases} >= {"best", "worst"}
     assert all((tmp_path / "ev" / "cases" / f"{c['id']}.png").is_file() for c in cases)

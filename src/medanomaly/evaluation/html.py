@@ -76,13 +76,15 @@ def _img_tag(path: Path, alt: str, embed: bool) -> str:
 
 
 def _viewer_section(out: Path, cases: list[dict[str, Any]], embed: bool) -> str:
-    """The cases at full resolution, each with the `medanomaly view` command that opens it."""
+    """The cases at full size, each with the `medanomaly view` command that opens it."""
     import shlex
 
-    rows = ["<h2>Cases, full resolution, in the viewer</h2>",
-            "<p class='note'>Colours on the run's healthy-validation scale (comparable between cases); cyan dashed: "
-            "mask at the calibrated threshold; green: lesion. Open a case with the command under it (a local page "
-            "with a threshold slider and slice scrolling).</p>"]
+    rows = ["<h2>Cases, full size, in the viewer</h2>",
+            "<p class='note'>Each case at every pixel of the grid the metrics were computed on (the preprocessed "
+            "image; <code>medanomaly predict</code> gives maps and overlays at each input's own resolution). Colours "
+            "on the run's healthy-validation scale (comparable between cases); cyan dashed: mask at the calibrated "
+            "threshold; green: lesion. Open a case with the command under it (a local page with a threshold slider "
+            "and slice scrolling).</p>"]
     for c in cases:
         png = Path(c["png"])
         src = f"cases/{png.name}"
