@@ -45,6 +45,7 @@ SCORE_MEANING: dict[str, str] = {
 }
 
 _ALPHA = 0.6  # opacity of the map colours
+_MAX_DRAWN = 1600  # pixels along the longer side of a drawn slice (more than the figure shows)
 _MASK_COLOUR, _LESION_COLOUR = "#00e5ff", "#39ff14"  # calibrated mask (cyan), known lesion (green)
 
 
@@ -161,10 +162,10 @@ def composite(grey: np.ndarray, amap: np.ndarray, scale: MapScale, foreground: n
     show = np.isfinite(t)
     if foreground is not None:
         show &= np.asarray(foreground, bool)
-    lut = colour_lut().astype(np.float64) / 255.0
+    lut = colour_lut().astype(np.float32) / 255.0
     col = lut[np.clip(np.nan_to_num(t) * (len(lut) - 1), 0, len(lut) - 1).astype(int)]
-    g = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2)
-    a = (alpha * show)[..., None]
+    g = np.repeat(np.clip(np.asarray(grey, np.float32), 0, 1)[..., None], 3, axis=2)
+    a = (np.float32(alpha) * show).astype(np.float32)[..., None]
     return g * (1 - a) + col * a
 
 
@@ -242,6 +243,10 @@ def _anomaly_mass(t: np.ndarray) -> float:
 
 def _draw_slice(ax: Any, grey: np.ndarray, amap: np.ndarray, scale: MapScale, fg: np.ndarray | None,
                 lesion: np.ndarray | None, pred: np.ndarray | None, aspect: float, lw: float) -> None:
+    step = max(1, math.ceil(max(grey.shape) / _MAX_DRAWN))  # a huge radiograph is drawn every step-th pixel
+    if step > 1:
+        grey, amap = grey[::step, ::step], amap[::step, ::step]
+        fg, lesion, pred = (None if m is None else m[::step, ::step] for m in (fg, lesion, pred))
     ax.imshow(composite(grey, amap, scale, fg), interpolation="nearest", aspect=aspect)
     for m, colour, style in ((lesion, _LESION_COLOUR, "solid"), (pred, _MASK_COLOUR, "dashed")):
         if m is not None and m.any():
