@@ -38,6 +38,7 @@ from medanomaly.viewer.records import CaseData, ViewerError, find_view, load_cas
 __all__ = ["ViewerApp", "make_server", "serve"]
 
 HOST = "127.0.0.1"
+MAX_SENT = 1600  # pixels along the longer side of a slice sent to the page (components use every voxel)
 _STATIC = ("index.html", "viewer.js", "viewer.css", "niivue.umd.js", "NIIVUE_LICENSE.txt")
 
 
@@ -91,7 +92,9 @@ class ViewerApp:
             if d.foreground is not None:
                 t = np.where(v.get(d.foreground, k), t, np.nan)
             masses.append(float(np.nansum(t + 0.05 * np.isfinite(t))))
-        first = v.get(d.image, 0)
+        full = v.get(d.image, 0)
+        step = -(-max(full.shape) // MAX_SENT)
+        first = full[::step, ::step]  # the size the slices are sent at
         return {**info, "index": i, "n_slices": v.n, "width": int(first.shape[1]), "height": int(first.shape[0]),
                 "aspect": v.aspect, "labels": v.labels, "positions": v.positions, "orientation_note": v.note,
                 "start_slice": int(np.argmax(masses)), "scale": sc, "has_lesion": d.lesion is not None,
@@ -106,10 +109,16 @@ class ViewerApp:
         if not 0 <= k < v.n:
             raise KeyError(f"case {i} has no slice {k}")
         lo, hi = p["grey"]
-        grey = np.clip((v.get(d.image, k) - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
-        return {"grey": grey, "map": np.asarray(v.get(d.amap, k), np.float32),
-                "foreground": None if d.foreground is None else np.asarray(v.get(d.foreground, k), np.uint8),
-                "lesion": None if d.lesion is None else np.asarray(v.get(d.lesion, k), np.uint8)}
+        first = v.get(d.image, k)
+        step = max(1, -(-max(first.shape) // MAX_SENT))  # a huge radiograph is sent every step-th pixel
+
+        def sl(a: np.ndarray) -> np.ndarray:
+            return v.get(a, k)[::step, ::step]
+
+        grey = np.clip((sl(d.image) - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+        return {"grey": grey, "map": np.asarray(sl(d.amap), np.float32),
+                "foreground": None if d.foreground is None else np.asarray(sl(d.foreground), np.uint8),
+                "lesion": None if d.lesion is None else np.asarray(sl(d.lesion), np.uint8)}
 
     def slice_json(self, i: int, k: int) -> dict[str, Any]:
         a = self._slice_arrays(i, k)
