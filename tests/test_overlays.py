@@ -116,3 +116,38 @@ def test_importing_overlays_does_not_load_matplotlib() -> None:
     code = "import sys, medanomaly.evaluation.overlays; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _brats_case0():  # noqa: ANN202 - a path or None
+    from medanomaly.data.roots import data_root
+
+    root = data_root(required=False)
+    case = None if root is None else root / "brain_brats2018_3d" / "case_0"
+    return case if case is not None and case.is_dir() else None
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(_brats_case0() is None, reason="shared data absent")
+def test_real_brats_volume_is_shown_radiologically(tmp_path) -> None:
+    """A real BraTS FLAIR (stored LPS): its tumour lies on the patient's left (world x below the brain's centre),
+    so the radiological view draws it right of the image centre; slice positions are the affine's z in mm."""
+    from medanomaly.data.io import read_image, read_mask
+
+    case = _brats_case0()
+    img, gt = read_image(case / "FLAIR.nii.gz"), read_mask(case / "GT_W.nii.gz").array
+    ijk = np.argwhere(gt).mean(0)
+    brain = np.argwhere(img.array > 0).mean(0)
+    world = img.affine[:3, :3] @ (ijk - brain)
+    assert world[0] < 0  # the tumour is on the patient's left (RAS: -x)
+    v = slice_view(img.array.shape, img.affine)
+    assert v.labels == ("R", "L", "A", "P")
+    k = int(np.argmax([v.get(gt, i).sum() for i in range(v.n)]))
+    cols = np.argwhere(v.get(gt, k))[:, 1]
+    assert cols.mean() > v.get(gt, k).shape[1] / 2  # drawn on the screen's right, where "L" is
+    z_world = (img.affine @ np.r_[ijk, 1.0])[2]
+    assert abs(v.positions[k] - z_world) < 15  # the slice with the most lesion is near the lesion's centroid height
+    # the figure on it, with the FLAIR intensity as a stand-in map on a per-image scale
+    amap = np.where(img.array > 0, img.array, 0).astype(np.float32)
+    p = render_case(tmp_path / "brats.png", img.array, amap, scale=image_scale(amap, img.array > 0), affine=img.affine,
+                    lesion=gt, foreground=img.array > 0, threshold=float(np.percentile(amap[amap > 0], 99)))
+    assert p.stat().st_size > 50_000
