@@ -36,6 +36,10 @@ METHODS = ("intensity", "zscore", "autoencoder", "patchcore", "multitask", "mim-
 FULL = (240, 240, 155)
 LIMIT_GIB = 4.0
 GRID_BOUND = ("zscore",)  # the model is a voxel grid: trained on the full grid
+# token methods are tied to their token grid: trained on the full volume zero-padded to a multiple of the tokenizer's
+# factor (240x240x160 for f=8), batch 1 (the fit's memory is not what is measured); T=1 restoration iteration, since
+# every iteration allocates the same tensors (peak memory does not grow with T, the time does: ~T x)
+TOKEN = ("mim-ood", "ar-restoration", "token-critic")
 
 
 def loadavg() -> str:
@@ -68,6 +72,7 @@ def do_fit(method: str, run_dir: str, steps: int, train_shape: tuple[int, ...]) 
     from medanomaly.methods import get_method_class
     from medanomaly.methods.base import RunContext
 
+    steps = 1 if method in TOKEN else steps
     ns = argparse.Namespace(steps=steps, warm=0, threads=0, channels_last=False, bf16=False, compile=False)
     stages: list[dict[str, Any]] = []
     throughput.install_capture(ns, stages)
@@ -75,11 +80,22 @@ def do_fit(method: str, run_dir: str, steps: int, train_shape: tuple[int, ...]) 
     params = cls.config_set("cpu-small")
     if "device" in params:
         params["device"] = "cpu"
-    shape = FULL if method in GRID_BOUND else train_shape
-    n = 3 if method in GRID_BOUND else 4
+    shape, n, n_val = (FULL, 3, 2) if method in GRID_BOUND else (train_shape, 6, 2)
+    if method in TOKEN:
+        f = 2 ** len(params["tokenizer"]["channels"])
+        shape, n, n_val = padded_full(f), 1, 1
+        for k in ("tokenizer_train", "transformer_train"):
+            params[k] = {**params[k], "batch_size": 1}
+        params["restoration"] = {**params["restoration"], "T": 1, "batch_size": 1}
+    if method == "multitask":  # one ensemble member, few synthetic validation samples: members predict one by one
+        params["max_models"], params["val_samples"] = 1, 8
     det = cls(**params)
-    det.fit(brain_volumes(n, shape, 0), brain_volumes(2, shape, 1), context=RunContext(quiet=True))
+    det.fit(brain_volumes(n, shape, 0), brain_volumes(n_val, shape, 1), context=RunContext(quiet=True))
     det.save(run_dir)
+
+
+def padded_full(factor: int) -> tuple[int, ...]:
+    return tuple(-(-s // factor) * factor for s in FULL)
 
 
 def brats_volume() -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +117,10 @@ def do_predict(run_dir: str) -> dict[str, Any]:
 
     x, fg = brats_volume()
     det = load_detector(run_dir).set_context(RunContext(quiet=False))
+    want = getattr(det, "image_shape", None)
+    if want is not None and tuple(want[1:]) != tuple(x.shape[2:]):  # a token method: zero-pad to its grid
+        pad = [p for s, w in zip(reversed(x.shape[2:]), reversed(want[1:]), strict=True) for p in (0, w - s)]
+        x, fg = torch.nn.functional.pad(x, pad), torch.nn.functional.pad(fg, pad)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -3,7 +3,7 @@
 Each case (method, config set, 2D/3D, image side) runs in a subprocess of its own (so that its peak RSS is its own):
 
 - the detector is built from a shipped config set (``cpu-small``, ``paper``) and ``fit`` on generated brain-like
-  images (:func:`medanomaly.data.toy.make_toy_dataset`, 16 images in 2D, 4 volumes in 3D). ``train_model`` is
+  images (:func:`medanomaly.data.toy.make_toy_dataset`, 16 images in 2D, 6 volumes in 3D). ``train_model`` is
   intercepted (every module that bound it) so that each training stage of the method runs its **real** step
   (the method's own ``loss_fn``, ``batch_fn``, model and optimiser through the training loop) for
   ``warm + steps`` steps instead of the configured count, without validation or checkpoints. Step times come from
@@ -179,7 +179,8 @@ def _spatial_dims_of(model: Any) -> int | None:
 
 def patch_adamw(kind: str) -> None:
     orig = torch.optim.AdamW
-    kw = {"foreach": {"foreach": True}, "fused": {"fused": True}, "single": {"foreach": False}}[kind]
+    kw = {"foreach": {"foreach": True, "fused": False}, "fused": {"fused": True, "foreach": False},
+          "single": {"foreach": False, "fused": False}}[kind]
 
     class AdamW(orig):  # type: ignore[misc, valid-type]
         def __init__(self, *a: Any, **k: Any) -> None:
@@ -209,7 +210,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         params["num_workers"] = args.workers
     if "device" in params:
         params["device"] = "cpu"
-    n_train = 16 if dims == 2 else 4
+    n_train = 16 if dims == 2 else 6  # 3D: at least 5 for multitask's 5 task folds
     train = make_toy_dataset(n=n_train, size=size, spatial_dims=dims, seed=0)
     val = make_toy_dataset(n=4, size=size, spatial_dims=dims, seed=1)
     stages: list[dict[str, Any]] = []
@@ -244,7 +245,11 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def quick_cases() -> list[str]:
+#: paper-size cases of --quick (the others did not finish one step within the time limit on the shared 2 cores)
+QUICK_PAPER = ("autoencoder", "multitask", "intensity")
+
+
+def quick_cases(all_paper: bool = False) -> list[str]:
     from medanomaly.methods import get_method_class, list_methods
 
     cases = []
@@ -252,7 +257,7 @@ def quick_cases() -> list[str]:
         cls = get_method_class(m)
         sets = cls.config_sets()
         cases += [f"{m}:cpu-small:2:64", f"{m}:cpu-small:2:128"]
-        if "paper" in sets:
+        if "paper" in sets and (all_paper or m in QUICK_PAPER):
             cases.append(f"{m}:paper:2:128")
         if 3 in cls.spatial_dims_supported:
             cases.append(f"{m}:cpu-small:3:48")
@@ -260,12 +265,13 @@ def quick_cases() -> list[str]:
 
 
 def child_cmd(args: argparse.Namespace, case: str) -> list[str]:
-    cmd = [sys.executable, __file__, "--case", case, "--steps", str(args.steps), "--warm", str(args.warm),
-           "--matmul", str(args.matmul), "--tag", args.tag]
     paper = ":paper:" in case
-    if paper:  # paper sizes: one timed step after one warm-up step, predict on one image without warm-up
-        cmd = [*cmd[:-6], "--steps", "1", "--warm", "1", "--matmul", str(args.matmul), "--tag", args.tag,
-               "--no-warmup", "--predict-batch", "1"]
+    # paper sizes: one timed step after one warm-up step, predict on one image without warm-up
+    steps, warm = (1, 1) if paper else (args.steps, args.warm)
+    cmd = [sys.executable, __file__, "--case", case, "--steps", str(steps), "--warm", str(warm),
+           "--matmul", str(args.matmul), "--tag", args.tag]
+    if paper:
+        cmd += ["--no-warmup", "--predict-batch", "1"]
     for flag in ("channels_last", "compile", "bf16", "no_predict", "predict_flops"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -359,6 +365,7 @@ def main() -> None:
     ap.add_argument("--case", help="method:config:dims:size (run one case in this process, print JSON)")
     ap.add_argument("--cases", help="comma-separated cases for the driver (default with --quick: every method)")
     ap.add_argument("--quick", action="store_true", help="every method at cpu-small 64/128 px, paper 128 px, 3D 48^3")
+    ap.add_argument("--all-paper", action="store_true", help="with --quick: every method's paper config")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per stage")
     ap.add_argument("--warm", type=int, default=1, help="untimed warm-up steps per stage")
     ap.add_argument("--matmul", type=int, default=2048, help="side of the reference float32 matmul")
@@ -376,6 +383,7 @@ def main() -> None:
     ap.add_argument("--tag", default="default")
     ap.add_argument("--before", help="JSON of an earlier run: adds a before -> after column")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--json-out", help="also write the records here (e.g. with --no-write for an experiment)")
     args = ap.parse_args()
     if args.case:
         try:
@@ -384,7 +392,7 @@ def main() -> None:
             rec = {"case": args.case, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         print("RESULT " + json.dumps(rec), flush=True)
         return
-    cases = args.cases.split(",") if args.cases else quick_cases() if args.quick else []
+    cases = args.cases.split(",") if args.cases else quick_cases(args.all_paper) if args.quick else []
     if not cases:
         ap.error("give --quick, --cases or --case")
     import platform
@@ -416,6 +424,8 @@ def main() -> None:
                round(s["data_wait_fraction"], 2)) for s in rec.get("stages", [])]
         print(json.dumps(short), st, (rec.get("predict") or {}).get("samples_per_s"), flush=True)
     meta["load_end"] = loadavg()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     if not args.no_write:
         write_report(records, args, meta)
 

@@ -107,3 +107,18 @@ def test_first_iteration_on_the_images_gives_the_all_rows_tokens(steps: int) -> 
     new = mim_restore(tokens, score, mvtm, thr, steps=steps, restorations=3, seed=2, logit_bias=bias)
     assert ref[1].any()
     assert torch.equal(ref[0], new[0]) and torch.equal(ref[1], new[1])
+
+
+def test_decoding_in_chunks_of_rows_gives_the_whole_batch_decoding() -> None:
+    from medanomaly.methods.mim_ood.common import decode_rows
+    from medanomaly.nets.tokens import VQTokenizer
+
+    torch.manual_seed(0)
+    tok = VQTokenizer(spatial_dims=3, in_channels=1, num_embeddings=16, embedding_dim=8, channels=(4, 8)).eval()
+    ids = torch.randint(0, 16, (5, 2, 3, 2))
+    with torch.no_grad():
+        whole = tok.decode(ids).float()
+        assert torch.equal(decode_rows(tok, ids), whole)  # fits the budget: one call, unchanged
+        # one or two rows at a time: the convolutions' rounding may differ with the batch (oneDNN), values do not
+        torch.testing.assert_close(decode_rows(tok, ids, max_voxels=1), whole, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(decode_rows(tok, ids, max_voxels=2 * 96), whole, atol=1e-6, rtol=1e-6)

@@ -224,6 +224,22 @@ def encode_images(tok: VQTokenizer, x: torch.Tensor, batch_size: int = 64) -> to
     return torch.cat([tok.encode(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
 
 
+#: voxels decoded at once at predict time (rows x voxels per image): bounds the decoder's activations (a full
+#: 240x240x160 volume decodes one restoration at a time, 64 px slices all at once)
+DECODE_VOXELS = 2**22
+
+
+def decode_rows(tok: VQTokenizer, tokens: torch.Tensor, max_voxels: int = DECODE_VOXELS) -> torch.Tensor:
+    """``tok.decode(tokens).float()`` in chunks of rows of at most ``max_voxels`` output voxels (at least one row),
+    so that memory stays bounded. A batch within the budget is decoded in one call (unchanged results); chunked
+    decoding gives the same values up to the convolutions' float rounding (~1e-7, oneDNN picks kernels by batch)."""
+    per_row = int(np.prod(tokens.shape[1:])) * tok.factor ** (tokens.ndim - 1)
+    step = max(1, max_voxels // max(per_row, 1))
+    if step >= tokens.shape[0]:
+        return tok.decode(tokens).float()
+    return torch.cat([tok.decode(tokens[i : i + step]).float() for i in range(0, tokens.shape[0], step)])
+
+
 def _draw(tokens: torch.Tensor, rng: np.random.Generator, bs: int) -> torch.Tensor:
     return tokens[torch.from_numpy(rng.integers(0, len(tokens), bs))]
 
@@ -543,7 +559,7 @@ class TokenRestorationDetector(Detector):
                 scores = self._token_scores(tok).float()
                 extra = self._extra_token_scores(tok) if rp["extra_token_scores"] else {}
                 restored, changed = self._restore(tok, int(rp["seed"]))
-                dec = self.tokenizer.decode(restored.reshape(b * r, *tshape)).float()
+                dec = decode_rows(self.tokenizer, restored.reshape(b * r, *tshape))
                 ref = x if rp["residual_to"] == "input" else self.tokenizer.decode(tok.view(b, *tshape)).float()
             dec = dec.view(b, r, *x.shape[1:])
             res = (dec - ref.unsqueeze(1)).abs().mean(dim=(1, 2))

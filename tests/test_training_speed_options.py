@@ -1,0 +1,49 @@
+"""Speed options of the training loop change nothing beyond float rounding (speed itself: benchmarks/throughput.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medanomaly.training import TrainConfig, train_model
+from medanomaly.training.loop import make_adamw
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(),
+                         nn.Conv2d(8, 1, 1))
+
+
+def _batch(step: int) -> torch.Tensor:
+    rng = np.random.default_rng([3, step])
+    return torch.from_numpy(rng.standard_normal((4, 1, 16, 16)).astype(np.float32))
+
+
+def _loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return ((m(x) - x.flip(-1)) ** 2).mean()
+
+
+def _train(impl: str) -> dict[str, torch.Tensor]:
+    net = _net()
+    cfg = TrainConfig(steps=12, lr=1e-2, warmup_steps=2, quiet=True, device="cpu", optimizer_impl=impl, threads=1)
+    train_model(net, _loss, _batch, cfg)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_adamw_implementations_agree() -> None:
+    single, foreach, fused, auto = (_train(i) for i in ("single", "foreach", "fused", "auto"))
+    for k in single:
+        assert torch.equal(single[k], foreach[k])  # the same arithmetic, batched over tensors
+        torch.testing.assert_close(fused[k], single[k], rtol=1e-5, atol=1e-6)  # one kernel: float rounding only
+        assert torch.equal(auto[k], fused[k])
+
+
+def test_auto_is_fused_on_cpu_and_bad_names_are_refused() -> None:
+    ps = list(_net().parameters())
+    assert make_adamw(ps, TrainConfig(quiet=True)).defaults["fused"] is True
+    assert make_adamw(ps, TrainConfig(optimizer_impl="foreach")).defaults["foreach"] is True
+    with pytest.raises(ValueError, match="optimizer_impl"):
+        TrainConfig(optimizer_impl="sgd")
