@@ -84,9 +84,10 @@ class TimedBatches:
     """``batch_fn`` wrapper that times each call (the data wait of the step); other attributes pass through."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.times = inner, []
+        self.inner, self.times, self.cpu_marks = inner, [], []
 
     def __call__(self, step: int) -> Any:
+        self.cpu_marks.append(time.process_time())  # CPU seconds of this process (all its threads) at each step start
         t0 = time.perf_counter()
         out = self.inner(step)
         self.times.append(time.perf_counter() - t0)
@@ -155,11 +156,13 @@ def install_capture(args: argparse.Namespace, stages: list[dict[str, Any]]) -> N
         model.zero_grad(set_to_none=True)
         model.eval()
         step_s = sum(timed_steps) / len(timed_steps)
+        marks = timed.cpu_marks[args.warm:]
+        cpu_step_s = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else None
         stages.append({"stage": cfg.desc, "batch": bs, "steps_timed": len(timed_steps), "step_s": step_s,
                        "samples_per_s": bs / step_s if step_s > 0 else None, "gflop_per_step": flops / 1e9,
                        "gflops": flops / 1e9 / step_s if step_s > 0 else None,
                        "data_wait_fraction": sum(data) / max(sum(timed_steps), 1e-12),
-                       "threads": res.threads, "wall_s": wall, "compile_s": t_compile,
+                       "threads": res.threads, "wall_s": wall, "compile_s": t_compile, "cpu_step_s": cpu_step_s,
                        "last_loss": res.history[-1]["loss"] if res.history else None, "load": loadavg()})
         return res
 
@@ -208,6 +211,17 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     params = cls.config_set(config)
     if args.workers is not None and "num_workers" in params:
         params["num_workers"] = args.workers
+    for kv in args.set or []:  # dotted parameter overrides, values in YAML
+        import yaml
+
+        key, val = kv.split("=", 1)
+        *path, last = key.split(".")
+        if key.split(".")[0] not in params:  # a parameter of another method of the run
+            continue
+        d = params
+        for k in path:
+            d = d.setdefault(k, {})
+        d[last] = yaml.safe_load(val)
     if "device" in params:
         params["device"] = "cpu"
     n_train = 16 if dims == 2 else 6  # 3D: at least 5 for multitask's 5 task folds
@@ -281,6 +295,8 @@ def child_cmd(args: argparse.Namespace, case: str) -> list[str]:
         cmd += ["--workers", str(args.workers)]
     if args.adamw:
         cmd += ["--adamw", args.adamw]
+    for kv in args.set or []:
+        cmd += ["--set", kv]
     if args.predict_batch and not paper:
         cmd += ["--predict-batch", str(args.predict_batch)]
     return cmd
@@ -371,6 +387,8 @@ def main() -> None:
     ap.add_argument("--matmul", type=int, default=2048, help="side of the reference float32 matmul")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: every usable core, the loop's auto)")
     ap.add_argument("--workers", type=int, default=None, help="multitask synthesis DataLoader workers")
+    ap.add_argument("--set", action="append", help="parameter override key=value (dotted keys), e.g. max_models=1; "
+                    "ignored by methods without that parameter")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU around the loss")
@@ -421,7 +439,7 @@ def main() -> None:
         records.append(rec)
         short = {k: rec.get(k) for k in ("case", "error", "fit_s", "peak_rss_mb", "matmul_gflops", "load_train")}
         st = [(s["stage"], round(s["samples_per_s"] or 0, 2), round((s["gflops"] or 0) / rec["matmul_gflops"], 3),
-               round(s["data_wait_fraction"], 2)) for s in rec.get("stages", [])]
+               round(s["data_wait_fraction"], 2), round(s.get("cpu_step_s") or 0, 4)) for s in rec.get("stages", [])]
         print(json.dumps(short), st, (rec.get("predict") or {}).get("samples_per_s"), flush=True)
     meta["load_end"] = loadavg()
     if args.json_out:

@@ -201,9 +201,15 @@ class TokenTransformer(nn.Module):
             qkv = att.qkv(blk.norm1(x)).view(b, n, 3, att.num_heads, att.dim_head).permute(2, 0, 3, 1, 4)
             cache.kv[li, :, :, :, t0 : t0 + n] = qkv[1:]
             k, v = cache.kv[li, 0, :, :, : t0 + n], cache.kv[li, 1, :, :, : t0 + n]
-            # a query at t0 + j sees keys 0 .. t0 + j: causal within the new block, everything cached before it
-            mask = None if n == 1 else torch.ones(n, t0 + n, dtype=torch.bool, device=x.device).tril(t0)
-            a = torch.nn.functional.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask, scale=att.scale)
+            # a query at t0 + j sees keys 0 .. t0 + j: causal within the new block, everything cached before it. From an
+            # empty cache (the prefill) that is plain causal attention: is_causal, as the full forward does, so that
+            # no (n, n) mask is built and the fused kernel never materialises the (B, heads, n, n) scores
+            if n == 1 or t0 == 0:
+                mask, causal = None, n > 1
+            else:
+                mask, causal = torch.ones(n, t0 + n, dtype=torch.bool, device=x.device).tril(t0), False
+            a = torch.nn.functional.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask, scale=att.scale,
+                                                                 is_causal=causal)
             x = x + att.out_proj(a.transpose(1, 2).reshape(b, n, -1))
             x = x + blk.mlp(blk.norm2(x))
         cache.length = t0 + n
