@@ -47,3 +47,19 @@ def test_auto_is_fused_on_cpu_and_bad_names_are_refused() -> None:
     assert make_adamw(ps, TrainConfig(optimizer_impl="foreach")).defaults["foreach"] is True
     with pytest.raises(ValueError, match="optimizer_impl"):
         TrainConfig(optimizer_impl="sgd")
+
+
+def test_auto_threads_use_free_cores_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medanomaly.training import loop
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(loop, "usable_cores", lambda: 2)
+    monkeypatch.setattr(loop, "_load_average", lambda: 0.2)  # quiet machine: every core, minus data workers
+    assert loop.resolve_threads("auto") == 2 and loop.resolve_threads("auto", data_workers=1) == 1
+    monkeypatch.setattr(loop, "_load_average", lambda: 7.5)  # busy machine: 1 thread
+    assert loop.resolve_threads("auto") == 1
+    monkeypatch.setattr(loop, "_load_average", lambda: None)  # no load average on this OS
+    assert loop.resolve_threads("auto") == 2
+    assert loop.resolve_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert loop.resolve_threads("auto") == 4

@@ -8,8 +8,9 @@ What the loop does for every method:
 
 - device choice (``"auto"``: CUDA when present, else CPU) and bf16 autocast on CUDA (``amp``);
 - CPU threads (``threads``, :func:`resolve_threads`, the one place where the choice is made): ``"auto"`` uses every
-  usable core for intra-op parallelism, minus one per DataLoader worker of ``batch_fn`` (its ``num_workers``), and
-  respects an explicit ``OMP_NUM_THREADS``; the count used is stored in the checkpoint and in ``TrainResult.threads``;
+  usable core for intra-op parallelism, minus one per DataLoader worker of ``batch_fn`` (its ``num_workers``), 1 when
+  the machine is already busy (load average), and respects an explicit ``OMP_NUM_THREADS``; the count used is stored
+  in the checkpoint and in ``TrainResult.threads``;
 - seeding at a fresh start (``seed``; ``deterministic=True`` also asks torch for deterministic kernels);
 - AdamW (fused kernel by default, ``optimizer_impl``), linear warm-up then cosine (or constant) learning rate,
   gradient-norm clipping;
@@ -94,13 +95,23 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this OS
+        return None
+
+
 def resolve_threads(threads: int | str = "auto", data_workers: int = 0) -> int:
     """Torch intra-op threads for a run: an int as given; ``"auto"``: ``OMP_NUM_THREADS`` when set, else the usable
-    cores minus ``data_workers`` (each DataLoader worker computes on a core of its own), at least 1.
+    cores minus ``data_workers`` (each DataLoader worker computes on a core of its own), at least 1, and only the
+    cores that other work leaves free: with a 1-minute load average above ``cores - 0.5`` (another job keeps the
+    machine busy) it is 1 thread.
 
-    Measured on a 2-core machine (benchmarks/throughput.py): 2 threads beat 1 by 1.1-1.6x on every training
-    step; a synthesis worker plus 1 compute thread beats 2 compute threads with synthesis in the loop when the
-    data take a noticeable part of the step."""
+    Measured on a 2-core machine (benchmarks/throughput.py, docs/results/throughput.md): on a quiet machine 2 threads
+    beat 1 by 1.1-1.6x; with the cores already busy (load 7-10) 2 threads were 2-40x *slower* than 1 (CPU seconds per
+    step 0.05 -> 2.2 on the multitask U-Net: OpenMP threads wait for a sibling that is not scheduled), so a busy machine
+    gets 1 thread."""
     if threads != "auto":
         n = int(threads)
         if n < 1:
@@ -109,7 +120,12 @@ def resolve_threads(threads: int | str = "auto", data_workers: int = 0) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, usable_cores() - max(0, int(data_workers)))
+    cores = usable_cores()
+    n = max(1, cores - max(0, int(data_workers)))
+    load = _load_average()
+    if load is not None and load > cores - 0.5:
+        n = 1
+    return n
 
 
 def seed_everything(seed: int) -> None:
