@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: the loop's auto)")
     args = ap.parse_args()
 
     import throughput
@@ -47,7 +48,7 @@ def main() -> None:
 
     backend = "nccl" if args.device == "cuda" else "gloo"
     with distributed(backend=backend):
-        ns = argparse.Namespace(steps=args.steps, warm=args.warm, threads=0, channels_last=False, bf16=False,
+        ns = argparse.Namespace(steps=args.steps, warm=args.warm, threads=args.threads, channels_last=False, bf16=False,
                                 compile=False)
         stages: list[dict] = []
         throughput.install_capture(ns, stages)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medanomaly.training.progress import track
+
 __all__ = [
     "VQTokenizer",
     "TokenTransformer",
@@ -359,8 +361,9 @@ def mim_restore(
     temperature: float = 1.0,
     seed: int = 0,
     logit_bias: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MIM-OOD restoration of flattened tokens (B, N).
+    """MIM-OOD restoration of flattened tokens (B, N). ``progress``: a progress bar over the T iterations.
 
     The R restorations of every image run as one (B*R, N) batch; each of the T iterations is one forward of the
     detector (``score_fn``: tokens -> per-token anomaly probabilities) and one of the MVTM. In the first iteration the
@@ -376,7 +379,7 @@ def mim_restore(
     y = tokens.repeat_interleave(restorations, 0)
     union = torch.zeros_like(y, dtype=torch.bool)
     rows = _row_keys(tokens, restorations, seed)
-    for step in range(steps):
+    for step in track(range(steps), desc="MIM restoration", quiet=not progress, unit="iter"):
         if step == 0:
             # the R rows of an image are still equal: one detector and one MVTM forward per image, not per row
             m0 = score_fn(tokens) > threshold
@@ -419,6 +422,7 @@ def ar_restore(
     seed: int = 0,
     logit_bias: torch.Tensor | None = None,
     kv_cache: bool = True,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AR restoration (Naval Marimont & Tarroni, 2021) of flattened tokens (B, N).
 
@@ -429,7 +433,8 @@ def ar_restore(
     :func:`mim_restore` (applied to sampling only, not to the NLL test); draws keyed as there. ``kv_cache``: each
     step feeds only the newest token and reuses the keys/values of the prefix (:meth:`TokenTransformer.forward_cached`,
     O(N) per step instead of a forward over the whole O(N) prefix); ``False`` runs the naive loop (same tokens up to
-    floating-point rounding). Returns restored tokens (B, R, N) and the resampled positions (B, R, N).
+    floating-point rounding). ``progress``: a progress bar over the positions. Returns restored tokens (B, R, N) and
+    the resampled positions (B, R, N).
     """
     b, n = tokens.shape
     y = tokens.repeat_interleave(restorations, 0).clone()
@@ -441,7 +446,7 @@ def ar_restore(
     bos = torch.full_like(y[:, :1], ar.special_id)
     rows = _row_keys(tokens, restorations, seed)
     cache = ar.new_cache(y.shape[0], y.device, ar.pos.dtype) if kv_cache else None
-    for i in range(start, n):
+    for i in track(range(start, n), desc="AR restoration", quiet=not progress, unit="pos"):
         if cache is None:
             logits = ar(torch.cat([bos, y[:, :i]], 1))[:, -1].float()
         elif i == start:  # prefill: BOS and the kept prefix in one forward

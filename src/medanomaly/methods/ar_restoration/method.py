@@ -42,4 +42,4 @@ class ARRestoration(TokenRestorationDetector):
     def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rp = self.params["restoration"]
         return ar_restore(tokens, self.nets["ar"], self.threshold, int(rp["R"]), float(rp["temperature"]), seed,
-                          self.logit_bias(tokens.device), kv_cache=self.kv_cache)
+                          self.logit_bias(tokens.device), kv_cache=self.kv_cache, progress=not self.quiet)

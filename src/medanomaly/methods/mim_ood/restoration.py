@@ -36,7 +36,7 @@ class MVTMRestorationDetector(TokenRestorationDetector):
     def _restore(self, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rp = self.params["restoration"]
         return mim_restore(tokens, self._token_scores, self.nets["mvtm"], self.threshold, int(rp["T"]), int(rp["R"]),
-                           float(rp["temperature"]), seed, self.logit_bias(tokens.device))
+                           float(rp["temperature"]), seed, self.logit_bias(tokens.device), progress=not self.quiet)
 
     def _extra_token_scores(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_scores_mvtm": mvtm_token_nll(self.nets["mvtm"], tokens, self.token_shape)}
