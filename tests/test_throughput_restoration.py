@@ -8,12 +8,12 @@ import torch
 
 from medanomaly.nets.tokens import (
     TokenTransformer,
-    _mix,
-    _row_keys,
     ar_restore,
     ar_token_nll,
     keyed_gumbel_sample,
     mim_restore,
+    mix_key,
+    row_keys,
 )
 
 
@@ -72,7 +72,7 @@ def _mim_restore_all_rows(tokens, score_fn, mvtm, threshold, steps, restorations
     b, n = tokens.shape
     y = tokens.repeat_interleave(restorations, 0)
     union = torch.zeros_like(y, dtype=torch.bool)
-    rows = _row_keys(tokens, restorations, seed)
+    rows = row_keys(tokens, restorations, seed)
     for step in range(steps):
         m = score_fn(y) > threshold
         if not m.any():
@@ -83,7 +83,7 @@ def _mim_restore_all_rows(tokens, score_fn, mvtm, threshold, steps, restorations
         if logit_bias is not None:
             sel = sel + logit_bias
         y = y.clone()
-        y[ri, pi] = keyed_gumbel_sample(sel, _mix(_mix(rows[ri], step), pi), 1.0)
+        y[ri, pi] = keyed_gumbel_sample(sel, mix_key(mix_key(rows[ri], step), pi), 1.0)
         union |= m
     return y.view(b, restorations, n), union.view(b, restorations, n)
 

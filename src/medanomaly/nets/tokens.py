@@ -314,6 +314,9 @@ def _mix(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
     return _hash31(key ^ _hash31(torch.as_tensor(value, device=key.device, dtype=torch.int64) & _M31))
 
 
+mix_key = _mix  # public name (the restoration loops' draw keys: mix_key(mix_key(row key, iteration), position))
+
+
 def token_keys(tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A 31-bit key (B,) for each row of ``tokens`` (B, N): a hash of the seed and of every (position, token)."""
     if tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex():
@@ -344,7 +347,7 @@ def keyed_gumbel_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: f
     return g.add_(logits.float() / temperature).argmax(-1)
 
 
-def _row_keys(tokens: torch.Tensor, restorations: int, seed: int) -> torch.Tensor:
+def row_keys(tokens: torch.Tensor, restorations: int, seed: int) -> torch.Tensor:
     """Keys (B*R,) of the restoration rows: the image's token key mixed with r."""
     keys = token_keys(tokens, seed).repeat_interleave(restorations)
     return _mix(keys, torch.arange(restorations, device=tokens.device).repeat(tokens.shape[0]))
@@ -378,7 +381,7 @@ def mim_restore(
     b, n = tokens.shape
     y = tokens.repeat_interleave(restorations, 0)
     union = torch.zeros_like(y, dtype=torch.bool)
-    rows = _row_keys(tokens, restorations, seed)
+    rows = row_keys(tokens, restorations, seed)
     for step in track(range(steps), desc="MIM restoration", quiet=not progress, unit="iter"):
         if step == 0:
             # the R rows of an image are still equal: one detector and one MVTM forward per image, not per row
@@ -444,7 +447,7 @@ def ar_restore(
         return y.view(b, restorations, n), resampled.view(b, restorations, n)
     start = int(flagged.any(0).nonzero()[0])
     bos = torch.full_like(y[:, :1], ar.special_id)
-    rows = _row_keys(tokens, restorations, seed)
+    rows = row_keys(tokens, restorations, seed)
     cache = ar.new_cache(y.shape[0], y.device, ar.pos.dtype) if kv_cache else None
     for i in track(range(start, n), desc="AR restoration", quiet=not progress, unit="pos"):
         if cache is None:
