@@ -69,7 +69,7 @@ def brain_volumes(n: int, shape: tuple[int, ...], seed: int) -> Any:
     return ArrayDataset(imgs, fgs, name="bench3d")
 
 
-def do_fit(method: str, run_dir: str, steps: int, train_shape: tuple[int, ...]) -> None:
+def do_fit(method: str, run_dir: str, steps: int, train_shape: tuple[int, ...], roi: int = 0) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import throughput
     from medanomaly.methods import get_method_class
@@ -98,6 +98,8 @@ def do_fit(method: str, run_dir: str, steps: int, train_shape: tuple[int, ...]) 
         return
     if method == "multitask":  # one ensemble member, few synthetic validation samples: members predict one by one
         params["max_models"], params["val_samples"] = 1, 8
+        if roi:  # sliding-window inference (MONAI, with its progress bar) instead of one whole-volume forward
+            params["predict"] = {**params["predict"], "roi_size": [roi, roi, roi]}
     det = cls(**params)
     det.fit(brain_volumes(n, shape, 0), brain_volumes(n_val, shape, 1), context=RunContext(quiet=True))
     det.save(run_dir)
@@ -131,6 +133,15 @@ def do_predict(run_dir: str) -> dict[str, Any]:
         pad = [p for s, w in zip(reversed(x.shape[2:]), reversed(want[1:]), strict=True) for p in (0, w - s)]
         x, fg = torch.nn.functional.pad(x, pad), torch.nn.functional.pad(fg, pad)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def report() -> None:  # the peak so far, every 10 s: a run stopped by the time limit still tells its peak
+        while True:
+            time.sleep(10)
+            print(f"RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}", flush=True)
+
+    import threading
+
+    threading.Thread(target=report, daemon=True).start()
     t0 = time.perf_counter()
     with torch.no_grad():
         res = det.predict(x, fg)
@@ -149,11 +160,12 @@ def main() -> None:
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--roi", type=int, default=0, help="multitask: predict.roi_size (sliding window) of this side")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     shape = tuple(int(s) for s in args.train_shape.split(","))
     if args.phase == "fit":
-        do_fit(args.method, args.run_dir, args.steps, shape)
+        do_fit(args.method, args.run_dir, args.steps, shape, args.roi)
         return
     if args.phase == "predict":
         print("RESULT " + json.dumps(do_predict(args.run_dir)), flush=True)
@@ -166,7 +178,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = str(Path(tmp) / "run")
             base = [sys.executable, __file__, "--method", m, "--run-dir", run_dir, "--steps", str(args.steps),
-                    "--train-shape", args.train_shape]
+                    "--train-shape", args.train_shape, "--roi", str(args.roi)]
             try:
                 p = subprocess.run([*base, "--phase", "fit"], capture_output=True, text=True, timeout=args.timeout,
                                    env={**env, "MEDANOMALY_QUIET": "1"})
@@ -180,10 +192,19 @@ def main() -> None:
                         rec["error"] = f"predict failed (rc {p.returncode}): " + p.stderr.strip()[-300:]
                     else:
                         rec.update(json.loads(line[7:]))
-                        rec["progress_bar"] = "it/s" in p.stderr or "%|" in p.stderr
+                        rec["progress_bar"] = any(t in p.stderr for t in ("it/s", "%|", "pos/s", "iter/s"))
             except subprocess.TimeoutExpired as e:
-                rec["error"] = f"over {args.timeout} s in {e.cmd[-1]}"
+                rec["error"] = f"stopped after {args.timeout} s in {e.cmd[-1]}"
+                out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+                rss = [float(x.split()[1]) for x in out.splitlines() if x.startswith("RSS ")]
+                if rss:  # the peak until it was stopped (e.g. the AR loop over 18,000 positions)
+                    rec.update({"peak_rss_mb": rss[-1], "partial": True, "load": loadavg(),
+                                "progress_bar": "it/s" in err or "%|" in err or "pos/s" in err,
+                                "progress": err.replace("\r", "\n").strip().splitlines()[-1][-120:] if err else ""})
         rec["under_limit"] = rec.get("peak_rss_mb", 1e9) < LIMIT_GIB * 1024
+        if rec.get("partial"):
+            rec["error"] = rec["error"] + f" (peak RSS until then; progress: {rec.get('progress', '')})"
         records[m] = rec
         print(json.dumps(rec), flush=True)
         if not args.no_write:
