@@ -44,6 +44,8 @@ def make_dicom(
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.SeriesInstanceUID = series_uid
+    ds.StudyInstanceUID = series_uid + ".0"  # a real series has a study and a frame of reference (DICOM outputs need them)
+    ds.FrameOfReferenceUID = series_uid + ".1"
     ds.Modality = "MR"
     px = np.asarray(pixels, dtype=np.uint16)
     ds.Rows, ds.Columns = px.shape

@@ -57,7 +57,17 @@ def _sorted_sources(path: Path, files: list[str]) -> list[Any]:
     """The source datasets in the order of the volume's slice axis (``meta["files"]`` of the reader)."""
     import pydicom
 
-    return [pydicom.dcmread(str(path / name)) for name in files]
+    sources = [pydicom.dcmread(str(path / name)) for name in files]
+    for ds in sources:  # type-2 patient/study attributes may be absent from a source; DICOM allows them empty
+        for tag in _TYPE2_EMPTY:
+            if tag not in ds:
+                setattr(ds, tag, "")
+    return sources
+
+
+#: patient and study attributes the derived objects copy (DICOM type 2: present, possibly empty)
+_TYPE2_EMPTY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def _frames(vol: np.ndarray) -> np.ndarray:
@@ -118,6 +128,10 @@ def write_dicom_outputs(
         raise PipelineError(f"{map_nifti}: the map is not on the grid of the series {series} (shape {amap.shape} vs "
                             f"{ld.shape}); cannot convert it to DICOM")
     sources = _sorted_sources(series, ld.meta["files"])
+    step = float(np.linalg.norm(np.asarray(ld.affine, float)[:3, 2]))
+    for ds in sources:  # SliceThickness is type 2 (may be absent); the derived objects need a value: the slice step
+        if ds.get("SliceThickness") in (None, ""):
+            ds.SliceThickness = round(step, 6)
     resampled = bool(ld.meta.get("resampled_slices"))
     geometry = _geometry(ld.affine, amap.shape[-1]) if resampled else {}
     version = getattr(medanomaly, "__version__", "unknown")

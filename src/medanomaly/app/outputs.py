@@ -97,7 +97,11 @@ def predict_command(
                 with_mask = parse_threshold(threshold).has_voxel
             except ValueError as e:
                 raise PipelineError(str(e)) from None
+        from medanomaly.data.io import read_dicom_series
+
         for p in series:
+            # the input's own problems (geometry) are reported before what the DICOM outputs need
+            read_dicom_series(p, allow_irregular_spacing=allow_irregular_spacing)
             check_series(p)
             existing = [q for q in dicom_output_paths(out, p.name, with_mask) if q.exists()]
             if existing and not force:
