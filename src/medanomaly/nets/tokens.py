@@ -160,11 +160,13 @@ class TokenTransformer(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, seq_len, dim))
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, int(dim * mlp_ratio), heads, dropout_rate=dropout, qkv_bias=True, causal=causal,
-                             sequence_length=seq_len if causal else None, use_flash_attention=True)
+                             sequence_length=1 if causal else None, use_flash_attention=True)
             for _ in range(depth)
         )
-        for blk in self.blocks:  # MONAI keeps a (1, 1, L, L) float causal mask per block that the fused attention never
-            # reads (is_causal): 1.3 GB per block at 18,000 tokens (a full 3D volume). Dropped, and dropped on load.
+        # MONAI wants a sequence length for causal blocks only to build a (1, 1, L, L) float mask that its fused
+        # attention never reads (is_causal): 1.3 GB per block at 18,000 tokens (a full 3D volume), hence length 1 above;
+        # the dummy buffer is dropped, and older checkpoints' masks are skipped on load
+        for blk in self.blocks:
             if "causal_mask" in blk.attn._buffers:
                 del blk.attn._buffers["causal_mask"]
                 blk.attn.causal_mask = torch.Tensor()
