@@ -49,17 +49,26 @@ def test_auto_is_fused_on_cpu_and_bad_names_are_refused() -> None:
         TrainConfig(optimizer_impl="sgd")
 
 
-def test_auto_threads_use_free_cores_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_threads_never_depend_on_the_load_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     from medanomaly.training import loop
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MEDANOMALY_THREADS", raising=False)
     monkeypatch.setattr(loop, "usable_cores", lambda: 2)
-    monkeypatch.setattr(loop, "_load_average", lambda: 0.2)  # quiet machine: every core, minus data workers
-    assert loop.resolve_threads("auto") == 2 and loop.resolve_threads("auto", data_workers=1) == 1
-    monkeypatch.setattr(loop, "_load_average", lambda: 7.5)  # busy machine: 1 thread
+    for load in (0.2, 7.5, None):  # the default: every core (minus data workers) whatever the load
+        monkeypatch.setattr(loop, "_load_average", lambda load=load: load)
+        assert loop.resolve_threads("auto") == 2 and loop.resolve_threads("auto", data_workers=1) == 1
+    monkeypatch.setenv("MEDANOMALY_THREADS", "adaptive")  # opt-in: 1 thread on a busy machine
+    monkeypatch.setattr(loop, "_load_average", lambda: 0.2)
+    assert loop.resolve_threads("auto") == 2
+    monkeypatch.setattr(loop, "_load_average", lambda: 7.5)
     assert loop.resolve_threads("auto") == 1
     monkeypatch.setattr(loop, "_load_average", lambda: None)  # no load average on this OS
     assert loop.resolve_threads("auto") == 2
-    assert loop.resolve_threads(3) == 3
+    monkeypatch.setenv("MEDANOMALY_THREADS", "3")
+    assert loop.resolve_threads("auto") == 3 and loop.resolve_threads(1) == 1
+    monkeypatch.setenv("MEDANOMALY_THREADS", "many")
+    with pytest.raises(ValueError, match="MEDANOMALY_THREADS"):
+        loop.resolve_threads("auto")
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert loop.resolve_threads("auto") == 4

@@ -103,15 +103,15 @@ def _load_average() -> float | None:
 
 
 def resolve_threads(threads: int | str = "auto", data_workers: int = 0) -> int:
-    """Torch intra-op threads for a run: an int as given; ``"auto"``: ``OMP_NUM_THREADS`` when set, else the usable
-    cores minus ``data_workers`` (each DataLoader worker computes on a core of its own), at least 1, and only the
-    cores that other work leaves free: with a 1-minute load average above ``cores - 0.5`` (another job keeps the
-    machine busy) it is 1 thread.
+    """Torch intra-op threads for a run: an int as given; ``"auto"``: ``OMP_NUM_THREADS`` when set, else
+    ``MEDANOMALY_THREADS`` when set (a number, or ``adaptive``), else the usable cores minus ``data_workers`` (each
+    DataLoader worker computes on a core of its own), at least 1.
 
-    Measured on a 2-core machine (benchmarks/throughput.py, docs/results/throughput.md): on a quiet machine 2 threads
-    beat 1 by 1.1-1.6x; with the cores already busy (load 7-10) 2 threads were 2-40x *slower* than 1 (CPU seconds per
-    step 0.05 -> 2.2 on the multitask U-Net: OpenMP threads wait for a sibling that is not scheduled), so a busy machine
-    gets 1 thread."""
+    The default never looks at what else the machine is doing: on a CPU the thread count changes float reductions,
+    so a fit's result must not depend on the load. ``MEDANOMALY_THREADS=adaptive`` opts in to 1 thread when the
+    1-minute load average is above ``cores - 0.5``: measured on a 2-core machine (benchmarks/throughput.py,
+    docs/results/throughput.md), 2 threads beat 1 by 1.1-1.6x when quiet but were 2-40x *slower* at load 7-10
+    (OpenMP threads wait for a sibling that is not scheduled)."""
     if threads != "auto":
         n = int(threads)
         if n < 1:
@@ -120,11 +120,17 @@ def resolve_threads(threads: int | str = "auto", data_workers: int = 0) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
+    mine = os.environ.get("MEDANOMALY_THREADS", "").strip().lower()
+    if mine.isdigit() and int(mine) > 0:
+        return int(mine)
+    if mine not in ("", "adaptive"):
+        raise ValueError(f"MEDANOMALY_THREADS must be a number >= 1 or 'adaptive', got {mine!r}")
     cores = usable_cores()
     n = max(1, cores - max(0, int(data_workers)))
-    load = _load_average()
-    if load is not None and load > cores - 0.5:
-        n = 1
+    if mine == "adaptive":
+        load = _load_average()
+        if load is not None and load > cores - 0.5:
+            n = 1
     return n
 
 
