@@ -252,6 +252,41 @@ def test_dicom_series_without_reference_tags_is_one_error(root: Path, tmp_path: 
     assert not (tmp_path / "o").exists()
 
 
+def test_dicom_outputs_when_optional_source_attributes_are_absent(root: Path, tmp_path: Path) -> None:
+    """Type-2 patient/study attributes and SliceThickness may be absent from a source series: the outputs are still
+    written (empty values, thickness = the slice step), never an AttributeError after the NIfTI files."""
+    import pydicom
+
+    absent = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+              "AccessionNumber", "ReferringPhysicianName", "SliceThickness")
+    series = _series(tmp_path / "sparse", drop=absent)
+    assert all(t not in pydicom.dcmread(str(f)) for f in series.iterdir() for t in absent)
+    out = tmp_path / "maps"
+    written = predict_command(None, [series], out, model=NAME, threshold="fpr=0.05", quiet=True)
+    for name in ("sparse_anomaly_pmap.dcm", "sparse_mask_seg.dcm"):
+        assert out / name in written
+        obj = pydicom.dcmread(str(out / name))
+        assert obj.PatientID == "" and str(obj.PatientName) == ""
+        measures = obj.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        assert float(measures.SliceThickness) == pytest.approx(2.0)  # _series' slice step
+
+
+def test_series_geometry_error_comes_before_the_output_tag_check(root: Path, tmp_path: Path) -> None:
+    """A series with uneven slice steps *and* no Frame of Reference: the input's own problem is the one reported."""
+    import pydicom
+
+    series = _series(tmp_path / "uneven", drop=("FrameOfReferenceUID",))
+    for f in series.iterdir():
+        ds = pydicom.dcmread(str(f))
+        if int(ds.InstanceNumber) > 3:  # a gap after the third slice
+            pos = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [pos[0], pos[1], pos[2] + 3.0]
+            ds.save_as(str(f))
+    msg = _invoke("predict", "--model", NAME, series, "--out", tmp_path / "o", ok=False).output
+    assert "varies" in msg and "--allow-irregular-spacing" in msg and "FrameOfReferenceUID" not in msg
+    assert not (tmp_path / "o").exists()
+
+
 # -- BIDS derivatives ----------------------------------------------------------------------------------------------
 def test_bids_derivatives(root: Path, tmp_path: Path) -> None:
     bids = tmp_path / "bids"
