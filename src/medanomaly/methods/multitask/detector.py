@@ -10,7 +10,10 @@ Training (healthy data only):
    applied to the held-out folds (:mod:`.folds`). Early stopping and the kept checkpoint follow that synthetic
    validation loss; no real anomaly is used anywhere;
 3. each member's synthetic validation scores (loss and pixel AP) are kept in the saved state, so that one can
-   check whether the synthetic validation score predicts the real test score.
+   check whether the synthetic validation score predicts the real test score;
+4. with ``augment.enabled`` (off by default), each healthy training image first goes through a random domain shift
+   (rotation/zoom, resolution loss, bias field, gamma, intensity scale; :class:`medanomaly.data.augment.DomainShift`)
+   and the synthetic anomaly is made on the shifted image (:mod:`.synthesis`); validation stays unshifted.
 
 Prediction is the mean of the members' maps (``predict(..., member=i)`` gives one member's map).
 
@@ -42,7 +45,15 @@ from medanomaly.methods.multitask.folds import Combination, assign_folds, select
 from medanomaly.methods.multitask.members import MemberKey, claim_member_dir, data_key, load_member, save_member
 from medanomaly.methods.multitask.model import MultiTaskUNet
 from medanomaly.methods.multitask.pool import INTER_DEFAULT, HealthyPool, inter_source_images
-from medanomaly.methods.multitask.synthesis import BatchFeeder, SynthSpec, SynthStream
+from medanomaly.methods.multitask.synthesis import (
+    AUGMENT_DEFAULTS,
+    AUGMENT_SCHEMA,
+    BatchFeeder,
+    SynthSpec,
+    SynthStream,
+    check_augment,
+    make_augment,
+)
 from medanomaly.methods.multitask.validation import label_loss, make_validation_set, validation_ap, validation_loss
 from medanomaly.methods.params import (
     IMAGE_SCORE_SCHEMA,
@@ -99,6 +110,9 @@ class MultiTaskDetector(Detector):
         "members": None,  # explicit member indices to train (e.g. one per GPU process)
         "fold_seed": 0,
         "flip_prob": 0.5,  # random flip of the last axis (left-right) for training images
+        # domain-shift augmentation of the training images before the anomaly is made (medanomaly.data.augment):
+        # enabled, p (per part), rotate_deg, scale, low_res, bias_field, gamma, scale_intensity
+        "augment": dict(AUGMENT_DEFAULTS),
         "loss": "mse",  # "mse" on sigmoid scores or "bce" on logits, against the soft labels
         "train": {
             "steps": 4000,
@@ -158,6 +172,7 @@ class MultiTaskDetector(Detector):
         "members": Optional(ListOf(Int(0, 10_000))),
         "fold_seed": SEED,
         "flip_prob": Float(0, 1),
+        "augment": AUGMENT_SCHEMA,
         "loss": Options("mse", "bce"),
         "train": pick(TRAIN_SPECS, defaults["train"], steps=Int(1, MAX_STEPS)),
         "val_samples": Int(1, 10**6),
@@ -209,7 +224,8 @@ class MultiTaskDetector(Detector):
     def shared_parts(cls, params: dict[str, Any]) -> dict[str, Any]:
         """The trained members: a run that differs only in which members it keeps or how it predicts loads the
         members it has in common with another (``reuse_members_from``) and trains only the others."""
-        return {"multitask.members": {k: v for k, v in params.items() if k not in cls._MEMBER_FREE}}
+        return {"multitask.members": {k: v for k, v in params.items() if k not in cls._MEMBER_FREE
+                                      and not (k == "augment" and not v.get("enabled"))}}
 
     @classmethod
     def reuse_parts(cls, parts: list[str], run_dir: str) -> dict[str, Any]:
@@ -220,6 +236,8 @@ class MultiTaskDetector(Detector):
         keep = {k: v for k, v in self.params.items()
                 if k not in ("predict", "image_score", "members", "max_models", "num_workers", "reuse_members_from")}
         keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("device", "checkpoint_every")}
+        if not keep.get("augment", {}).get("enabled"):  # off: the same hash as before the augment block existed
+            keep.pop("augment", None)
         return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ training
@@ -295,7 +313,8 @@ class MultiTaskDetector(Detector):
             net = self._build_model()
             device = get_device(tr["device"])
             stream = SynthStream(pool, train_idx, combo.train_tasks, synth, seed=seed, member=combo.index,
-                                  batch_size=int(tr["batch_size"]), flip_prob=float(self.params["flip_prob"]))
+                                  batch_size=int(tr["batch_size"]), flip_prob=float(self.params["flip_prob"]),
+                                  augment=make_augment(self.params["augment"], pool))
             batches = BatchFeeder(stream, int(self.params["num_workers"]), int(tr["steps"]))
             val_set = make_validation_set(pool, val_idx, combo.val_tasks, synth, int(self.params["val_samples"]), seed,
                                           combo.index)
@@ -473,3 +492,4 @@ def _check_params(p: dict[str, Any]) -> None:
         raise ValueError("multitask: val_samples must be >= 1")
     if p["spatial_dims"] is not None and int(p["spatial_dims"]) not in (2, 3):
         raise ValueError(f"multitask: spatial_dims must be 2 or 3, got {p['spatial_dims']}")
+    check_augment(p["augment"])
