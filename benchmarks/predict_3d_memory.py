@@ -12,6 +12,10 @@ For each method, in two subprocesses of their own (``ru_maxrss`` is per process)
    ``docs/results/predict_3d_memory.json``/``.md``.
 
     python benchmarks/predict_3d_memory.py [--methods zscore,intensity,...] [--steps 2]
+    python benchmarks/predict_3d_memory.py --methods multitask --roi 128   # row "multitask (roi 128)"
+
+Only the rows of ``--methods`` are measured again; the other rows of the json/md are kept. ``--note`` is written in
+the note column of the rows measured (an error, if any, comes first).
 """
 
 from __future__ import annotations
@@ -161,6 +165,7 @@ def main() -> None:
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--roi", type=int, default=0, help="multitask: predict.roi_size (sliding window) of this side")
+    ap.add_argument("--note", default="", help="text for the note column of the rows measured now")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     shape = tuple(int(s) for s in args.train_shape.split(","))
@@ -175,6 +180,8 @@ def main() -> None:
     env = {**os.environ}
     for m in args.methods.split(","):
         rec: dict[str, Any] = {"method": m, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        if args.note:
+            rec["note"] = args.note
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = str(Path(tmp) / "run")
             base = [sys.executable, __file__, "--method", m, "--run-dir", run_dir, "--steps", str(args.steps),
@@ -205,7 +212,7 @@ def main() -> None:
         rec["under_limit"] = rec.get("peak_rss_mb", 1e9) < LIMIT_GIB * 1024
         if rec.get("partial"):
             rec["error"] = rec["error"] + f" (peak RSS until then; progress: {rec.get('progress', '')})"
-        records[m] = rec
+        records[m if not (args.roi and m == "multitask") else f"{m} (roi {args.roi})"] = rec
         print(json.dumps(rec), flush=True)
         if not args.no_write:
             RESULTS.mkdir(parents=True, exist_ok=True)
@@ -213,12 +220,15 @@ def main() -> None:
     if not args.no_write:
         lines = ["# Predicting one full 240x240x155 volume (BraTS 2018 case_0 FLAIR), cpu-small config", "",
                  "`python benchmarks/predict_3d_memory.py`: peak RSS of a process that loads the run folder and predicts "
-                 f"the volume (limit {LIMIT_GIB:g} GiB); the load average is the machine's (shared 2 cores).", "",
+                 f"the volume (limit {LIMIT_GIB:g} GiB = {LIMIT_GIB * 1024:.0f} MB; token methods at the volume zero-padded "
+                 "to 240x240x160). The machine was shared (load average beside each row), which changes the time, not the "
+                 "memory.", "",
                  "| method | peak RSS MB | < 4 GiB | predict s | progress bar | load | note |", "|---|---|---|---|---|---|---|"]
         for m, r in records.items():
             lines.append(f"| {m} | {r.get('peak_rss_mb', 0):.0f} | {'yes' if r['under_limit'] else 'NO'} | "
-                         f"{r.get('seconds', float('nan')):.1f} | {'yes' if r.get('progress_bar') else 'no'} | "
-                         f"{r.get('load', '')} | {r.get('error', '')[:160]} |")
+                         f"{format(r['seconds'], '.1f') if 'seconds' in r else '–'} | "
+                         f"{'yes' if r.get('progress_bar') else 'no'} | "
+                         f"{r.get('load', '')} | {'; '.join(t for t in (r.get('error', '')[:160], r.get('note', '')) if t)} |")
         (RESULTS / "predict_3d_memory.md").write_text("\n".join(lines) + "\n")
 
 

@@ -402,19 +402,43 @@ class MultiTaskDetector(Detector):
         device = get_device(self.params["train"]["device"])
         bs = max(1, int(pp["batch_size"]))
         total = torch.zeros((images.shape[0], *images.shape[2:]), dtype=torch.float32)
-        members = [] if pp["member_maps"] else None
-        for m in chosen:
-            net = self.models[m].to(device).eval()
-            maps = []
+        maps: list[list[torch.Tensor]] | None = [[] for _ in chosen] if pp["member_maps"] else None
+        # batch by batch, member by member (the same sums, in the same order, as member by member over all
+        # batches): the network input with its positional channels is built once per batch and shared by the
+        # members (model.network_input), and the last member that uses it frees it after its first block
+        whole = MultiTaskUNet.whole_volume(roi, images.shape[2:])
+        keys = [self.models[m].input_key() for m in chosen]
+        n_batches = -(-images.shape[0] // bs)
+        from medanomaly.training.progress import progress_bar
+
+        # a bar over the network blocks for 3D whole-volume predictions (a sliding window shows MONAI's own bar)
+        bar = progress_bar(total=n_batches * sum(self.models[m].block_count() for m in chosen),
+                           desc="multitask predict", quiet=self.quiet or not whole or images.ndim != 5, unit="block")
+        try:
             for s in range(0, images.shape[0], bs):
                 x = images[s:s + bs].to(device=device, dtype=torch.float32)
-                sc = net.predict_scores(x, roi_size=roi, sw_batch_size=int(pp["sw_batch_size"]), overlap=float(pp["overlap"]),
-                                        progress=not self.quiet and roi is not None)
-                maps.append(sc[:, 0].float().cpu())
-            mp = torch.cat(maps)
-            total += mp
-            if members is not None:
-                members.append(mp)
+                shared: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+                for j, m in enumerate(chosen):
+                    net = self.models[m].to(device).eval()
+                    box = None
+                    if whole:
+                        if keys[j] not in shared:
+                            shared[keys[j]] = [net.network_input(x)]
+                        # the last member with this input takes the list itself (and frees the input)
+                        box = shared[keys[j]] if keys[j] not in keys[j + 1:] else list(shared[keys[j]])
+                    sc = net.predict_scores(x, roi_size=roi, sw_batch_size=int(pp["sw_batch_size"]),
+                                            overlap=float(pp["overlap"]), progress=not self.quiet and not whole,
+                                            inputs=box, step=lambda: bar.update(1))
+                    del box
+                    mp = sc[:, 0].float().cpu()
+                    del sc
+                    total[s:s + bs] += mp
+                    if maps is not None:
+                        maps[j].append(mp)
+                    del mp
+        finally:
+            bar.close()
+        members = [torch.cat(m) for m in maps] if maps is not None else None
         pixel = total / len(chosen)
         fg = foreground[:, 0].bool().cpu() if foreground is not None else None
         if fg is not None and pp["mask_foreground"]:
