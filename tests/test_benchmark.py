@@ -243,3 +243,20 @@ def test_benchmark_seeds_share_within_a_seed_only(tmp_path: Path) -> None:
         shared = [key for key in mae[k] if key.startswith("mae.") and key in b]
         assert shared and all(torch.equal(mae[k][key], b[key]) for key in shared)
     assert any(not torch.equal(mae[0][key], mae[1][key]) for key in shared)  # the seeds trained different MAEs
+
+
+def test_benchmark_refuses_a_run_whose_config_set_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same config-set name, other contents (the set was edited since): the finished run is not silently reused."""
+    from medanomaly.methods import get_method_class
+
+    m = _write_manifest(tmp_path / "a", seed=4)
+    out = tmp_path / "bench"
+    kw = dict(config_set="test", quiet=True, batch_size=8, size=SIZE)
+    run_benchmark(["autoencoder"], str(m), out, **kw)
+    assert run_benchmark(["autoencoder"], str(m), out, **kw)[0]["reused_run"]
+    cls = get_method_class("autoencoder")
+    old = cls.config_set("test")
+    edited = {**old, "train": {**old["train"], "steps": old["train"]["steps"] + 1}}
+    monkeypatch.setattr(cls, "config_set", classmethod(lambda c, name: edited))
+    with pytest.raises(PipelineError, match=r"other values of train\.steps.*config set 'test'"):
+        run_benchmark(["autoencoder"], str(m), out, **kw)

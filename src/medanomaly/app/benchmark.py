@@ -281,10 +281,34 @@ def _reusable(run_dir: Path, method: str, ov: dict[str, Any], config_set: str | 
     if not same:
         raise PipelineError(f"{run_dir} holds a run trained with other settings (method/data/config set/overrides/"
                             "seed); use --force to retrain")
+    changed = _changed_params(cfg.get("params") or {}, method, config_set, {**ov, **({} if seed is None else
+                                                                                   {"seed": seed})})
+    if changed:
+        raise PipelineError(f"{run_dir} was trained with other values of {', '.join(changed)} than its config set "
+                            f"'{config_set}' gives now (the config set changed since); use --force to retrain")
     if (cfg.get("data") or {}).get("fingerprint") != fingerprint():
         raise PipelineError(f"{run_dir} was trained on other images than {data_name(train_data)} "
                             f"({train_split}) holds now; use --force to retrain")
     return True
+
+
+def _changed_params(recorded: dict[str, Any], method: str, config_set: str | None, ov: dict[str, Any]) -> list[str]:
+    """The parameters whose recorded value differs from what the settings resolve to now (dotted, sorted).
+
+    A parameter the run does not record (added to the method after the run was trained) is not a difference: new
+    parameters default to the behaviour before they existed (e.g. multitask's ``augment``, off).
+    """
+    from medanomaly.app.config import resolve_config
+
+    now = json.loads(json.dumps(resolve_config(method, config_set=config_set, overrides=ov)[0], default=str))
+    then = json.loads(json.dumps(recorded, default=str))
+
+    def diff(a: Any, b: Any, path: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) & set(b)) for d in diff(a[k], b[k], f"{path}{k}.")]
+        return [] if a == b else [path[:-1]]
+
+    return diff(then, now, "")
 
 
 def _row(lab: str, method: str, config_set: str | None, metrics: dict[str, Any], reused: bool, shares: str,
