@@ -88,6 +88,30 @@ def test_manifest_json_3d_views(tmp_path):
     assert torch.equal(small[0]["image"], first)
 
 
+def test_slice_cache_preprocesses_each_small_volume_once(tmp_path, monkeypatch):
+    """Indexing reads every volume; iterating afterwards must not preprocess them again when they fit the byte
+    budget (was: a count-limited cache evicted all but the last 8, so every volume was preprocessed twice).
+    With no byte budget the cache holds ``cache_size`` entries and re-reads give the same samples."""
+    import medanomaly.data.dataset as dsmod
+
+    rng = np.random.default_rng(1)
+    recs = []
+    for i in range(5):
+        vol = np.stack([_disc(32, rng, lesion=(i == 0 and k == 4))[0] for k in range(8)], -1).astype(np.float32)
+        nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / f"v{i}.nii.gz")
+        recs.append({"case_id": f"v{i}", "image": f"v{i}.nii.gz", "split": "test", "label": int(i == 0)})
+    (tmp_path / "m.json").write_text(json.dumps(recs))
+    kw = dict(view="slices", size=24, cache_size=2, min_fg_fraction=0.05)
+    ds = load_dataset(tmp_path / "m.json", "test", **kw)
+    first = [ds[i]["image"].clone() for i in range(len(ds))]
+    assert ds._cache.made == 5 and len(ds._cache.data) == 5 and 0 < ds._cache.nbytes < dsmod.CACHE_BYTES
+    monkeypatch.setattr(dsmod, "CACHE_BYTES", 0)
+    tight = load_dataset(tmp_path / "m.json", "test", **kw)
+    again = [tight[i]["image"] for i in range(len(tight))]
+    assert len(tight._cache.data) == 2 and tight._cache.made > 5
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
 def test_list_datasets():
     assert set(list_datasets()) == {"lgg-flair-2d", "brats2018-3d", "ixi-t1-3d", "pneumoniamnist", "cxr-kermany-256"}
 

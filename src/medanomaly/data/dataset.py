@@ -157,23 +157,56 @@ def stack_dataset(ds: ImageDataset, indices: Sequence[int] | None = None) -> dic
 
 
 # --------------------------------------------------------------------------------------------- lazy file datasets
-class _LRU:
-    """A tiny least-recently-used cache (``size`` entries; 0 disables caching)."""
+#: bytes of preprocessed arrays a lazy dataset keeps beyond its ``cache_size`` entries (the cache always holds its
+#: ``cache_size`` most recent entries; smaller ones beyond that are kept while they fit in this budget)
+CACHE_BYTES = 512 * 2**20
 
-    def __init__(self, size: int) -> None:
+
+def _nbytes(value: Any, depth: int = 0) -> int:
+    """The bytes of the numpy arrays and tensors in ``value`` (tuples/lists/dicts and dataclass fields, 3 levels)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, torch.Tensor):
+        return int(value.element_size() * value.nelement())
+    if depth >= 3:
+        return 0
+    if isinstance(value, dict):
+        return sum(_nbytes(v, depth + 1) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v, depth + 1) for v in value)
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(value, f), depth + 1) for f in value.__dataclass_fields__)
+    return 0
+
+
+class _LRU:
+    """A least-recently-used cache: the ``size`` most recent entries, and older ones while all entries together
+    take at most ``max_bytes`` (so a data set of small preprocessed volumes stays cached whole and is preprocessed
+    once, while large volumes are limited to ``size``); ``size`` 0 disables caching."""
+
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         from collections import OrderedDict
 
         self.size, self.data = int(size), OrderedDict()
+        self.max_bytes = CACHE_BYTES if max_bytes is None else int(max_bytes)
+        self.sizes: dict[Any, int] = {}
+        self.made = 0  # entries computed (a test hook: how often the cache missed)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
 
     def get(self, key: Any, make: Any) -> Any:
         if key in self.data:
             self.data.move_to_end(key)
             return self.data[key]
         value = make()
+        self.made += 1
         if self.size > 0:
-            self.data[key] = value
-            while len(self.data) > self.size:
-                self.data.popitem(last=False)
+            self.data[key], self.sizes[key] = value, _nbytes(value)
+            while len(self.data) > self.size and self.nbytes > self.max_bytes:
+                old, _ = self.data.popitem(last=False)
+                del self.sizes[old]
         return value
 
 
