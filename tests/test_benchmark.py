@@ -154,6 +154,28 @@ def test_benchmark_multitask_variant_reuses_members(tmp_path: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_benchmark_patchcore_backbone_is_the_multitask_runs_member(tmp_path: Path) -> None:
+    """patchcore's multitask backbone with the multitask run's settings: member 0 is loaded, not trained again."""
+    from medanomaly.methods.patchcore.detector import _MULTITASK_KEYS
+
+    m = _write_manifest(tmp_path / "a", seed=6)
+    out = tmp_path / "bench"
+    mt = resolve_config("multitask", config_set="test")[0]
+    same = {f"multitask.{k}": mt[k] for k in _MULTITASK_KEYS if k != "reuse_members_from"}
+    same["multitask.train"] = {k: v for k, v in mt["train"].items() if k != "device"}  # patchcore's device is its own
+    kw = dict(config_set="test", quiet=True, batch_size=8, size=SIZE)
+    rows = run_benchmark(["pc=patchcore", "pc-own=patchcore", "multitask"], str(m), out,
+                         overrides={"pc": same, "pc-own": {**same, "multitask.train.steps": 3}}, **kw)
+    assert rows[0]["shares"] == "members from multitask" and rows[1]["shares"].startswith("own members")
+    cfg = yaml.safe_load((out / "runs" / "pc" / "config.yaml").read_text())
+    assert cfg["params"]["multitask"]["reuse_members_from"] == str(out / "runs" / "multitask")
+    wa = load_file(str(out / "runs" / "multitask" / "m00_t0-1-2-3" / "member.safetensors"))
+    wb = load_file(str(out / "runs" / "pc" / "m00_t0-1-2-3" / "member.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (out / "runs" / "pc-own" / "m00_t0-1-2-3" / "member.json").read_text() == (
+        out / "runs" / "multitask" / "m00_t0-1-2-3" / "member.json").read_text()
+
+
 def test_benchmark_shares_pretrained_mae(tmp_path: Path) -> None:
     m = _write_manifest(tmp_path / "a", seed=5)
     out = tmp_path / "bench"

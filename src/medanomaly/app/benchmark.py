@@ -84,8 +84,8 @@ def plan_sharing(
         if not mine:
             continue
         cls = get_method_class(m)
-        keys = {k.split(".")[0] for k in cls.reuse_parts(sorted(mine), "x")}
-        if any(k.split(".")[0] in keys for k in overrides.get(lab) or {}):
+        keys = set(cls.reuse_parts(sorted(mine), "x"))  # a run told where to load from (or not to) is left alone
+        if any(k == r or r.startswith(f"{k}.") for k in overrides.get(lab) or {} for r in keys):
             continue
         best, best_parts, differ = None, [], None
         for src, _ in sorted(entries, key=lambda e: rank[e[0]]):

@@ -51,7 +51,7 @@ _ENCODER_KEYS = ("channels", "strides", "num_res_units", "norm", "dropout", "los
                  "val_max_images", "train")
 #: the multitask parameters that make up the multitask section (its training device is patchcore's ``device``)
 _MULTITASK_KEYS = ("model", "tasks", "fold_seed", "flip_prob", "augment", "loss", "train", "val_samples",
-                   "val_metric", "num_workers")
+                   "val_metric", "num_workers", "reuse_members_from")
 
 
 def _section(table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -183,10 +183,31 @@ class PatchCoreDetector(Detector):
         return AutoencoderDetector(**p["encoder"], seed=p["seed"], device=p["device"])
 
     def _multitask(self) -> MultiTaskDetector:
-        p = self.params
+        return MultiTaskDetector(**self._multitask_params(self.params))
+
+    @staticmethod
+    def _multitask_params(p: dict[str, Any]) -> dict[str, Any]:
+        """The parameters of the multitask backbone (member 0 of a ``multitask`` run with the section's settings)."""
         sec = p["multitask"]
-        return MultiTaskDetector(**{**sec, "train": {**sec["train"], "device": p["device"]}}, members=[0],
-                                 seed=p["seed"], predict={"batch_size": int(p["predict_batch_size"])})
+        return {**sec, "train": {**sec["train"], "device": p["device"]}, "members": [0], "seed": p["seed"],
+                "predict": {"batch_size": int(p["predict_batch_size"])}}
+
+    #: ranked after ``multitask`` (0), so a benchmark trains the multitask run first and the backbone reuses its
+    #: member 0 when the settings are equal
+    share_priority: ClassVar[int] = 1
+
+    @classmethod
+    def shared_parts(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The multitask backbone is a multitask member: with equal settings, it is the part a ``multitask`` run
+        of the same benchmark has already trained (shared as that run's members, keyed the same way)."""
+        if params.get("backbone") != "multitask":
+            return {}
+        mt = MultiTaskDetector(**cls._multitask_params(params)).params
+        return MultiTaskDetector.shared_parts(mt)
+
+    @classmethod
+    def reuse_parts(cls, parts: list[str], run_dir: str) -> dict[str, Any]:
+        return {"multitask.reuse_members_from": run_dir}
 
     @classmethod
     def data_sources(cls, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
