@@ -303,3 +303,32 @@ def test_inter_source_fallback_and_real_data():
     pool3 = HealthyPool.from_dataset(make_toy_dataset(3, 16, 3, seed=0))
     vols = inter_source_images("auto", pool3, True, cxr)  # extruded into volumes
     assert len(vols) == INTER_MAX_IMAGES[3] and vols[0].ndim == 4 and vols[0].shape[1] == vols[0].shape[-1]
+
+
+def test_members_trained_in_processes_equal_members_trained_in_turn(tmp_path, monkeypatch):
+    """member_jobs=2 (two spawned processes, 1 thread each) trains the same members as one after another with 1
+    thread: the same weights, info and maps, and the same member folders (resumable, reusable)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ds = make_toy_dataset(16, 24, 2, seed=3)
+    dets = {}
+    for jobs in (1, 2):
+        det = _tiny(member_jobs=jobs)
+        det.fit(ds, context=RunContext(work_dir=tmp_path / f"j{jobs}", quiet=True))
+        dets[jobs] = det
+    a, b = dets[1], dets[2]
+    assert len(a.models) == len(b.models) == 2
+    for ma, mb in zip(a.models, b.models, strict=True):
+        sa, sb = ma.export_state(), mb.export_state()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [m["name"] for m in a.member_info] == [m["name"] for m in b.member_info]
+    assert [m["synthetic_val_ap"] for m in a.member_info] == [m["synthetic_val_ap"] for m in b.member_info]
+    x = torch.stack([ds[i]["image"] for i in range(3)])
+    assert torch.equal(a.predict(x).pixel_scores, b.predict(x).pixel_scores)
+    for m in b.member_info:
+        assert (tmp_path / "j2" / m["name"] / "member.json").exists()
+    # the members folders of the parallel fit are reused by a resumed fit (nothing trained again)
+    again = _tiny(member_jobs=2).fit(ds, context=RunContext(work_dir=tmp_path / "j2", resume=True, quiet=True))
+    assert all(torch.equal(x1, x2) for m1, m2 in zip(b.models, again.models, strict=True)
+               for x1, x2 in zip(m1.export_state().values(), m2.export_state().values(), strict=True))
+    with pytest.raises(ValueError, match="member_jobs"):
+        MultiTaskDetector(member_jobs=-1)

@@ -132,6 +132,10 @@ class MultiTaskDetector(Detector):
         "val_samples": 64,  # synthetic validation images per member (held-out tasks on held-out folds)
         "val_metric": "loss",  # early stopping / checkpoint choice on the synthetic validation "loss" (min) or pixel "ap" (max)
         "num_workers": 0,  # DataLoader workers for synthesis
+        # members trained at the same time, each in a process of its own with threads / jobs torch threads (the
+        # members are independent; on a CPU, two 1-thread processes use two cores better than one 2-thread
+        # process). 1: one after another in this process; 0: as many as the members to train and the threads allow
+        "member_jobs": 1,
         # a run folder whose finished members (trained with the same settings) are loaded instead of trained again,
         # e.g. a 5-member ensemble that starts from a 3-member run's members
         "reuse_members_from": "",
@@ -178,6 +182,7 @@ class MultiTaskDetector(Detector):
         "val_samples": Int(1, 10**6),
         "val_metric": Options("loss", "ap"),
         "num_workers": Int(0, 256),
+        "member_jobs": Int(0, 256),
         "reuse_members_from": PathSpec(),
         "predict": {
             "batch_size": Int(1, 65536),
@@ -218,7 +223,7 @@ class MultiTaskDetector(Detector):
 
     #: settings that choose or apply members but do not change what a member learns
     _MEMBER_FREE: ClassVar[tuple[str, ...]] = ("predict", "image_score", "members", "max_models", "num_workers",
-                                               "reuse_members_from")
+                                               "member_jobs", "reuse_members_from")
 
     @classmethod
     def shared_parts(cls, params: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +238,7 @@ class MultiTaskDetector(Detector):
 
     def _config_hash(self) -> str:
         """Hash of everything that determines a member's training (not prediction settings)."""
-        keep = {k: v for k, v in self.params.items()
-                if k not in ("predict", "image_score", "members", "max_models", "num_workers", "reuse_members_from")}
+        keep = {k: v for k, v in self.params.items() if k not in self._MEMBER_FREE}
         keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("device", "checkpoint_every")}
         if not keep.get("augment", {}).get("enabled"):  # off: the same hash as before the augment block existed
             keep.pop("augment", None)
@@ -258,8 +262,6 @@ class MultiTaskDetector(Detector):
         ``inter_source``: the healthy images of another data set for the inter-dataset blending task (see
         :meth:`data_sources`; the pipeline loads it).
         """
-        from medanomaly.training.loop import TrainConfig, get_device, seed_everything, train_model
-
         pool = HealthyPool.from_dataset(train, quiet=self.quiet)
         dims = pool.spatial_dims if self.params["spatial_dims"] is None else int(self.params["spatial_dims"])
         chans = pool.channels if self.params["in_channels"] is None else int(self.params["in_channels"])
@@ -278,12 +280,13 @@ class MultiTaskDetector(Detector):
         else:
             self.label_sigma_effective = float(tp["label_sigma"])
         synth = SynthSpec(tp["names"], tp["params"], self.label_sigma_effective, inter)
-        tr = self.params["train"]
         # what a reusable member must match: parameters, training data and external inter-blend images (the
         # contrast-inverted fallback is a function of the training data)
         key = MemberKey(self._config_hash(), data_key(pool.fingerprint, inter if inter_source is not None else None))
         self.models, self.member_info, self.train_log = [], [], []
-        for combo in self.combinations():
+        done_by_pos: dict[int, tuple[MultiTaskUNet, dict[str, Any], list[dict[str, Any]]]] = {}
+        todo: list[tuple[int, Combination]] = []
+        for pos, combo in enumerate(self.combinations()):
             member_dir = Path(self.work_dir) / combo.name if self.work_dir is not None else None
             done = load_member(member_dir, key) if (member_dir is not None and self.resume) else None
             src = self.params["reuse_members_from"]
@@ -300,88 +303,140 @@ class MultiTaskDetector(Detector):
                 weights, info, history = done
                 net = self._build_model()
                 net.import_state(weights)
-                self.models.append(net.eval())
-                self.member_info.append(info)
-                self.train_log.extend({**r, "member": combo.name} for r in history)
-                continue
-            if member_dir is not None:
-                claim_member_dir(member_dir, key)
-            train_idx = np.flatnonzero(np.isin(folds, combo.train_folds))
-            val_idx = np.flatnonzero(np.isin(folds, combo.val_folds))
-            seed = int(self.params["seed"])
-            seed_everything(seed * 1000 + combo.index)
-            net = self._build_model()
-            device = get_device(tr["device"])
-            stream = SynthStream(pool, train_idx, combo.train_tasks, synth, seed=seed, member=combo.index,
-                                  batch_size=int(tr["batch_size"]), flip_prob=float(self.params["flip_prob"]),
-                                  augment=make_augment(self.params["augment"], pool))
-            batches = BatchFeeder(stream, int(self.params["num_workers"]), int(tr["steps"]))
-            val_set = make_validation_set(pool, val_idx, combo.val_tasks, synth, int(self.params["val_samples"]), seed,
-                                          combo.index)
-            loss_kind = self.params["loss"]
-
-            def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], _d: torch.device = device,
-                        _k: str = loss_kind) -> torch.Tensor:
-                x, y = batch[0].to(_d, non_blocking=True), batch[1].to(_d, non_blocking=True)
-                return label_loss(model(x), y, _k)
-
-            vbs = int(self.params["predict"]["batch_size"])
-            by_ap = self.params["val_metric"] == "ap"
-
-            val_clock = [0.0]
-
-            def val_fn(model: nn.Module, _v: dict[str, torch.Tensor] = val_set, _d: torch.device = device,
-                       _k: str = loss_kind, _ap: bool = by_ap, _bs: int = vbs, _clock: list[float] = val_clock) -> float:
-                t = time.perf_counter()
-                if _ap:
-                    ap = validation_ap(model, _v, _d, _bs)
-                    out = 0.0 if ap is None else ap
-                else:
-                    out = validation_loss(model, _v, _d, _k, _bs)
-                _clock[0] += time.perf_counter() - t
-                return out
-
-            cfg = TrainConfig(
-                steps=int(tr["steps"]), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]),
-                warmup_steps=int(tr["warmup_steps"]), schedule=str(tr["schedule"]), min_lr_ratio=float(tr["min_lr_ratio"]),
-                grad_clip=tr["grad_clip"], checkpoint_every=int(tr["checkpoint_every"]) if member_dir is not None else 0,
-                val_every=int(tr["val_every"]), early_stopping_patience=int(tr["early_stopping_patience"]),
-                val_mode="max" if by_ap else "min",
-                seed=seed * 1000 + combo.index, device=str(tr["device"]), amp=bool(tr["amp"]), quiet=self.quiet,
-                desc=f"multitask {combo.name}",
-            )
-            t0 = time.perf_counter()
-            try:
-                result = train_model(net, loss_fn, batches, cfg, run_dir=member_dir, val_fn=val_fn, name="unet",
-                                     resume=self.resume)
-            finally:
-                batches.close()
-            seconds = time.perf_counter() - t0
-            net.eval()
-            val_ap = validation_ap(net, val_set, device, vbs)
-            with torch.no_grad():
-                val_loss = validation_loss(net, val_set, device, loss_kind, vbs)
-            train_seconds = max(seconds - val_clock[0], 1e-9)
-            info = {
-                "name": combo.name, "index": combo.index, "train_tasks": list(combo.train_tasks),
-                "val_tasks": list(combo.val_tasks), "train_folds": list(combo.train_folds), "val_folds": list(combo.val_folds),
-                "train_task_names": [tp["names"][t] for t in combo.train_tasks],
-                "val_task_names": [tp["names"][t] for t in combo.val_tasks],
-                "n_train_images": int(len(train_idx)), "n_val_images": int(len(val_idx)),
-                "synthetic_val_loss": val_loss, "synthetic_val_ap": val_ap, "val_metric": self.params["val_metric"],
-                "best_val": result.best_val, "best_step": result.best_step,
-                "steps_done": result.steps_done, "stopped_early": result.stopped_early,
-                # timing of this session's training (a resumed member counts only the steps run now)
-                "train_seconds_this_session": seconds, "val_seconds": val_clock[0], "data_wait_seconds": batches.wait_seconds,
-                "train_samples_per_s": batches.samples_served / train_seconds if batches.samples_served else None,
-                "data_wait_fraction": batches.wait_seconds / train_seconds if batches.samples_served else None,
-            }
-            net.to("cpu")
+                done_by_pos[pos] = (net.eval(), info, history)
+            else:
+                todo.append((pos, combo))
+        jobs = self._member_jobs(len(todo))
+        if jobs <= 1:
+            for pos, combo in todo:
+                done_by_pos[pos] = self._train_member(combo, pool, folds, synth, key, "auto")
+        else:
+            done_by_pos.update(self._train_members_in_processes(todo, jobs, pool, folds, synth, key))
+        for pos in sorted(done_by_pos):
+            net, info, history = done_by_pos[pos]
             self.models.append(net)
             self.member_info.append(info)
-            self.train_log.extend({**r, "member": combo.name} for r in result.history)
-            if member_dir is not None:
-                save_member(member_dir, net.export_state(), info, result.history, key)
+            self.train_log.extend({**r, "member": info["name"]} for r in history)
+
+    def _member_jobs(self, n_todo: int) -> int:
+        """Processes to train ``n_todo`` members with (``member_jobs``; 0: members to train, at most the threads)."""
+        from medanomaly.training.loop import resolve_threads
+
+        jobs = int(self.params["member_jobs"])
+        if jobs == 0:
+            jobs = resolve_threads("auto")
+        return max(1, min(jobs, n_todo))
+
+    def _train_members_in_processes(self, todo: list[tuple[int, Combination]], jobs: int, pool: HealthyPool,
+                                    folds: np.ndarray, synth: SynthSpec, key: MemberKey,
+                                    ) -> dict[int, tuple[MultiTaskUNet, dict[str, Any], list[dict[str, Any]]]]:
+        """Train the members of ``todo`` in ``jobs`` spawned processes, each with threads // jobs torch threads (a
+        member's result depends only on its seed and thread count, not on which process trains it)."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from medanomaly.training.loop import resolve_threads
+
+        threads = max(1, resolve_threads("auto") // jobs)
+        state = {"params": self.params, "dims": self.spatial_dims_, "chans": self.in_channels_,
+                 "sigma": self.label_sigma_effective, "context": self.context_}
+        out: dict[int, tuple[MultiTaskUNet, dict[str, Any], list[dict[str, Any]]]] = {}
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {pos: ex.submit(_train_member_process, state, combo, pool, folds, synth, key, threads)
+                       for pos, combo in todo}
+            for pos, fut in futures.items():
+                weights, info, history = fut.result()
+                net = self._build_model()
+                net.import_state(weights)
+                out[pos] = (net.eval(), info, history)
+        return out
+
+    def _train_member(self, combo: Combination, pool: HealthyPool, folds: np.ndarray, synth: SynthSpec,
+                      key: MemberKey, threads: int | str,
+                      ) -> tuple[MultiTaskUNet, dict[str, Any], list[dict[str, Any]]]:
+        """Train one member (checkpoints in its member folder when the fit has a work dir) and store it."""
+        from medanomaly.training.loop import TrainConfig, get_device, seed_everything, train_model
+
+        tp = self.params["tasks"]
+        tr = self.params["train"]
+        member_dir = Path(self.work_dir) / combo.name if self.work_dir is not None else None
+        if member_dir is not None:
+            claim_member_dir(member_dir, key)
+        train_idx = np.flatnonzero(np.isin(folds, combo.train_folds))
+        val_idx = np.flatnonzero(np.isin(folds, combo.val_folds))
+        seed = int(self.params["seed"])
+        seed_everything(seed * 1000 + combo.index)
+        net = self._build_model()
+        device = get_device(tr["device"])
+        stream = SynthStream(pool, train_idx, combo.train_tasks, synth, seed=seed, member=combo.index,
+                             batch_size=int(tr["batch_size"]), flip_prob=float(self.params["flip_prob"]),
+                             augment=make_augment(self.params["augment"], pool))
+        batches = BatchFeeder(stream, int(self.params["num_workers"]), int(tr["steps"]))
+        val_set = make_validation_set(pool, val_idx, combo.val_tasks, synth, int(self.params["val_samples"]), seed,
+                                  combo.index)
+        loss_kind = self.params["loss"]
+
+        def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], _d: torch.device = device,
+                    _k: str = loss_kind) -> torch.Tensor:
+            x, y = batch[0].to(_d, non_blocking=True), batch[1].to(_d, non_blocking=True)
+            return label_loss(model(x), y, _k)
+
+        vbs = int(self.params["predict"]["batch_size"])
+        by_ap = self.params["val_metric"] == "ap"
+
+        val_clock = [0.0]
+
+        def val_fn(model: nn.Module, _v: dict[str, torch.Tensor] = val_set, _d: torch.device = device,
+                   _k: str = loss_kind, _ap: bool = by_ap, _bs: int = vbs, _clock: list[float] = val_clock) -> float:
+            t = time.perf_counter()
+            if _ap:
+                ap = validation_ap(model, _v, _d, _bs)
+                out = 0.0 if ap is None else ap
+            else:
+                out = validation_loss(model, _v, _d, _k, _bs)
+            _clock[0] += time.perf_counter() - t
+            return out
+
+        cfg = TrainConfig(
+            steps=int(tr["steps"]), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]),
+            warmup_steps=int(tr["warmup_steps"]), schedule=str(tr["schedule"]), min_lr_ratio=float(tr["min_lr_ratio"]),
+            grad_clip=tr["grad_clip"], checkpoint_every=int(tr["checkpoint_every"]) if member_dir is not None else 0,
+            val_every=int(tr["val_every"]), early_stopping_patience=int(tr["early_stopping_patience"]),
+            val_mode="max" if by_ap else "min",
+            seed=seed * 1000 + combo.index, device=str(tr["device"]), amp=bool(tr["amp"]), quiet=self.quiet,
+            desc=f"multitask {combo.name}", threads=threads,
+        )
+        t0 = time.perf_counter()
+        try:
+            result = train_model(net, loss_fn, batches, cfg, run_dir=member_dir, val_fn=val_fn, name="unet",
+                                 resume=self.resume)
+        finally:
+            batches.close()
+        seconds = time.perf_counter() - t0
+        net.eval()
+        val_ap = validation_ap(net, val_set, device, vbs)
+        with torch.no_grad():
+            val_loss = validation_loss(net, val_set, device, loss_kind, vbs)
+        train_seconds = max(seconds - val_clock[0], 1e-9)
+        info = {
+            "name": combo.name, "index": combo.index, "train_tasks": list(combo.train_tasks),
+            "val_tasks": list(combo.val_tasks), "train_folds": list(combo.train_folds), "val_folds": list(combo.val_folds),
+            "train_task_names": [tp["names"][t] for t in combo.train_tasks],
+            "val_task_names": [tp["names"][t] for t in combo.val_tasks],
+            "n_train_images": int(len(train_idx)), "n_val_images": int(len(val_idx)),
+            "synthetic_val_loss": val_loss, "synthetic_val_ap": val_ap, "val_metric": self.params["val_metric"],
+            "best_val": result.best_val, "best_step": result.best_step,
+            "steps_done": result.steps_done, "stopped_early": result.stopped_early,
+            # timing of this session's training (a resumed member counts only the steps run now)
+            "train_seconds_this_session": seconds, "val_seconds": val_clock[0], "data_wait_seconds": batches.wait_seconds,
+            "train_samples_per_s": batches.samples_served / train_seconds if batches.samples_served else None,
+            "data_wait_fraction": batches.wait_seconds / train_seconds if batches.samples_served else None,
+        }
+        net.to("cpu")
+        if member_dir is not None:
+            save_member(member_dir, net.export_state(), info, result.history, key)
+        return net, info, result.history
+
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
@@ -517,3 +572,15 @@ def _check_params(p: dict[str, Any]) -> None:
     if p["spatial_dims"] is not None and int(p["spatial_dims"]) not in (2, 3):
         raise ValueError(f"multitask: spatial_dims must be 2 or 3, got {p['spatial_dims']}")
     check_augment(p["augment"])
+
+
+def _train_member_process(state: dict[str, Any], combo: Combination, pool: HealthyPool, folds: np.ndarray,
+                          synth: SynthSpec, key: MemberKey, threads: int,
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+    """One member in a worker process: (weights, info, history); the member folder is written as in-process."""
+    det = MultiTaskDetector(**state["params"])
+    det.spatial_dims_, det.in_channels_ = state["dims"], state["chans"]
+    det.label_sigma_effective = state["sigma"]
+    det.set_context(state["context"])
+    net, info, history = det._train_member(combo, pool, folds, synth, key, threads)
+    return net.export_state(), info, history
