@@ -53,6 +53,14 @@ class _CountingBar:
         return getattr(self._bar, k)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fits here and in the killed subprocess (OMP_NUM_THREADS=1) use the same thread count: on a CPU the thread
+    count changes float reductions, so a comparison across processes must pin it (the loop's "auto" would give this
+    process every core)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> type[_CountingBar]:
     real = loop_mod._progress
