@@ -174,6 +174,10 @@ def test_benchmark_patchcore_backbone_is_the_multitask_runs_member(tmp_path: Pat
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not (out / "runs" / "pc-own" / "m00_t0-1-2-3" / "member.json").read_text() == (
         out / "runs" / "multitask" / "m00_t0-1-2-3" / "member.json").read_text()
+    # the finished runs are reused with or without the sharing source in the list (sharing = equal settings)
+    assert all(r["reused_run"] for r in run_benchmark(["pc=patchcore", "multitask"], str(m), out,
+                                                      overrides={"pc": same}, **kw))
+    assert run_benchmark(["pc=patchcore"], str(m), out, overrides={"pc": same}, **kw)[0]["reused_run"]
 
 
 def test_benchmark_shares_pretrained_mae(tmp_path: Path) -> None:

@@ -210,7 +210,8 @@ def run_benchmark(
         results: dict[str, dict[str, Any]] = {}
         for lab, m in _training_order(list(entries), extra, runs_dir):
             run_dir, ov = runs_dir / lab, {**overrides.get(lab, {}), **extra.get(lab, {})}
-            reused = _reusable(run_dir, m, ov, config_set, train_data, train_split, k, size, force, fingerprint)
+            reused = _reusable(run_dir, m, ov, config_set, train_data, train_split, k, size, force, fingerprint,
+                               shared=_sharing_keys(m, params[k][lab]) | set(extra.get(lab, {})))
             if reused:
                 say(f"[{tag}{lab}] reusing the finished run in {run_dir}")
             else:
@@ -262,27 +263,34 @@ def _resolve_params(entries: list[tuple[str, str]], overrides: dict[str, dict[st
 
 
 def _reusable(run_dir: Path, method: str, ov: dict[str, Any], config_set: str | None, train_data: Any, train_split: str,
-              seed: int | None, size: Any, force: bool, fingerprint: Any) -> bool:
-    """True when ``run_dir`` holds a finished run of these settings on these images; raises when it holds another."""
+              seed: int | None, size: Any, force: bool, fingerprint: Any, shared: set[str] | None = None) -> bool:
+    """True when ``run_dir`` holds a finished run of these settings on these images; raises when it holds another.
+
+    ``shared``: the parameters that say where a shared part is loaded from (the benchmark's sharing plan). Sharing
+    happens only between equal settings, so a part loaded from another run equals the part trained in the run
+    itself: a finished run is reused whether or not it was trained with those parameters."""
     from medanomaly.run_folder import RunFolder
 
     folder = RunFolder(run_dir)
     if not folder.is_finished or force:
         return False
     cfg = folder.read_config()
+    shared = shared or set()
+    recorded = {k: v for k, v in ((cfg.get("train") or {}).get("overrides") or {}).items() if k not in shared}
+    wanted = {k: v for k, v in ov.items() if k not in shared}
     same = (
         cfg.get("method") == method
         and (cfg.get("train") or {}).get("config_set") == config_set
         and (cfg.get("data") or {}).get("name") == data_name(train_data)
-        and (cfg.get("train") or {}).get("overrides", {}) == json.loads(json.dumps(ov, default=str))
+        and recorded == json.loads(json.dumps(wanted, default=str))
         and (seed is None or (cfg.get("train") or {}).get("seed") == seed)
         and (size is None or (cfg.get("data") or {}).get("size") == size)
     )
     if not same:
         raise PipelineError(f"{run_dir} holds a run trained with other settings (method/data/config set/overrides/"
                             "seed); use --force to retrain")
-    changed = _changed_params(cfg.get("params") or {}, method, config_set, {**ov, **({} if seed is None else
-                                                                                   {"seed": seed})})
+    changed = [c for c in _changed_params(cfg.get("params") or {}, method, config_set,
+                                          {**wanted, **({} if seed is None else {"seed": seed})}) if c not in shared]
     if changed:
         raise PipelineError(f"{run_dir} was trained with other values of {', '.join(changed)} than its config set "
                             f"'{config_set}' gives now (the config set changed since); use --force to retrain")
@@ -290,6 +298,15 @@ def _reusable(run_dir: Path, method: str, ov: dict[str, Any], config_set: str | 
         raise PipelineError(f"{run_dir} was trained on other images than {data_name(train_data)} "
                             f"({train_split}) holds now; use --force to retrain")
     return True
+
+
+def _sharing_keys(method: str, params: dict[str, Any]) -> set[str]:
+    """The parameters through which ``method`` loads shared parts from another run (``reuse_parts``' keys)."""
+    from medanomaly.methods import get_method_class
+
+    cls = get_method_class(method)
+    parts = cls.shared_parts(params)
+    return set(cls.reuse_parts(sorted(parts), "x")) if parts else set()
 
 
 def _changed_params(recorded: dict[str, Any], method: str, config_set: str | None, ov: dict[str, Any]) -> list[str]:
