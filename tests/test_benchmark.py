@@ -156,12 +156,13 @@ def test_benchmark_multitask_variant_reuses_members(tmp_path: Path) -> None:
 
 def test_benchmark_patchcore_backbone_is_the_multitask_runs_member(tmp_path: Path) -> None:
     """patchcore's multitask backbone with the multitask run's settings: member 0 is loaded, not trained again."""
-    from medanomaly.methods.patchcore.detector import _MULTITASK_KEYS
+    from medanomaly.methods import get_method_class
 
     m = _write_manifest(tmp_path / "a", seed=6)
     out = tmp_path / "bench"
     mt = resolve_config("multitask", config_set="test")[0]
-    same = {f"multitask.{k}": mt[k] for k in _MULTITASK_KEYS if k != "reuse_members_from"}
+    keys = get_method_class("patchcore").defaults["multitask"]  # the multitask settings patchcore has a section for
+    same = {f"multitask.{k}": mt[k] for k in keys if k != "reuse_members_from"}
     same["multitask.train"] = {k: v for k, v in mt["train"].items() if k != "device"}  # patchcore's device is its own
     kw = dict(config_set="test", quiet=True, batch_size=8, size=SIZE)
     rows = run_benchmark(["pc=patchcore", "pc-own=patchcore", "multitask"], str(m), out,
