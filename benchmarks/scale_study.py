@@ -1,0 +1,108 @@
+"""Scale study table and figure: label-free validation and test metrics of runs trained at several budgets/widths.
+
+Each point is ``LABEL=RUN_DIR:EVAL_DIR[:EVAL_DIR2]`` (a finished run folder, and ``medanomaly evaluate`` output
+folders holding ``metrics.json``; the first is the in-domain test, the optional second another test set) plus its
+family (``--family``). The label-free number is what the run itself recorded on healthy data only:
+
+- ``multitask``: the members' synthetic validation AP (held-out tasks on held-out folds), their mean;
+- other methods: the last validation loss in ``train_log.jsonl`` of every trained module (lower is better).
+
+Training compute is the run's recorded training seconds (``config.yaml``: ``train.seconds``) and, for multitask,
+the optimiser steps done by its members. Usage::
+
+    python benchmarks/scale_study.py docs/results/scale_study --family multitask \\
+        1x=out/lgg64_seeds/runs/seed-0/multitask:out/lgg64_seeds/eval/seed-0/multitask:... \\
+        steps4x=out/scale/mt_steps4x:out/scale/eval_lgg_mt_steps4x:out/scale/eval_brats_mt_steps4x
+
+Writes ``OUT.md`` (a table), ``OUT.json`` and ``OUT.png`` (or ``--figure``: label-free score and test pixel AP
+against training seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _label_free(run: Path) -> dict[str, Any]:
+    state = json.loads((run / "state.json").read_text())
+    if "members" in state:
+        aps = [m["synthetic_val_ap"] for m in state["members"]]
+        steps = sum(int(m.get("steps_done") or 0) for m in state["members"])
+        return {"label_free": sum(aps) / len(aps), "label_free_kind": "synthetic val AP (mean of members)",
+                "members": [round(a, 3) for a in aps], "steps": steps}
+    last: dict[str, float] = {}
+    log = run / "train_log.jsonl"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        rec = json.loads(line)
+        if rec.get("val_loss") is not None:
+            last[str(rec.get("module", rec.get("stage", "model")))] = float(rec["val_loss"])
+    return {"label_free": None, "label_free_kind": "last val loss per module", "val_losses": last}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("points", nargs="+", help="LABEL=RUN:EVAL[:EVAL2]")
+    p.add_argument("--family", default="")
+    p.add_argument("--tests", default="test,other", help="names of the two test sets, comma-separated")
+    p.add_argument("--figure", default=None, help="figure path (default: OUT.png)")
+    a = p.parse_args()
+    names = a.tests.split(",")
+    rows = []
+    for spec in a.points:
+        label, rest = spec.split("=", 1)
+        run, *evals = rest.split(":")
+        cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
+        row: dict[str, Any] = {"label": label, "run": run, "train_seconds": (cfg.get("train") or {}).get("seconds"),
+                               **_label_free(Path(run))}
+        for name, ev in zip(names, evals, strict=False):
+            m = json.loads((Path(ev) / "metrics.json").read_text())
+            for k in ("pixel_ap", "best_dice", "calibrated_dice", "sample_auroc"):
+                row[f"{name}_{k}"] = m.get(k)
+        rows.append(row)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["label", "train_seconds", "steps", "label_free", "members"] + [
+        f"{n}_{k}" for n in names for k in ("pixel_ap", "best_dice", "calibrated_dice", "sample_auroc")]
+    keys = [k for k in keys if any(k in r for r in rows)]
+
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = [f"# Scale study: {a.family}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    lines += ["", "Runs: " + "; ".join(f"{r['label']}: `{r['run']}`" for r in rows), ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1, default=str))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    xs = [r["train_seconds"] or 0 for r in rows]
+    for i, r in enumerate(rows):
+        if r.get("label_free") is not None:
+            ax[0].scatter(xs[i], r["label_free"], color="C0")
+            ax[0].annotate(r["label"], (xs[i], r["label_free"]), fontsize=8)
+        for j, n in enumerate(names):
+            if r.get(f"{n}_pixel_ap") is not None:
+                ax[1].scatter(xs[i], r[f"{n}_pixel_ap"], color=f"C{j + 1}", label=n if i == 0 else None)
+                ax[1].annotate(r["label"], (xs[i], r[f"{n}_pixel_ap"]), fontsize=8)
+    ax[0].set(xlabel="training seconds (2 threads, quiet)", ylabel=rows[0]["label_free_kind"], title="label-free")
+    ax[1].set(xlabel="training seconds", ylabel="test pixel AP", title="test (reported, not used to choose)")
+    ax[1].legend(fontsize=8)
+    fig.suptitle(a.family, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(a.figure or out.with_suffix(".png"), dpi=110)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
