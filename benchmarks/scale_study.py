@@ -5,7 +5,8 @@ folders holding ``metrics.json``; the first is the in-domain test, the optional 
 family (``--family``). The label-free number is what the run itself recorded on healthy data only:
 
 - ``multitask``: the members' synthetic validation AP (held-out tasks on held-out folds), their mean;
-- other methods: the last validation loss in ``train_log.jsonl`` of every trained module (lower is better).
+- other methods: the best validation loss of every trained module in ``train_log.jsonl`` (lower is better; a
+  module's loss depends on the modules before it, e.g. the MVTM's on the tokenizer's codebook).
 
 Training compute is the run's recorded training seconds (``config.yaml``: ``train.seconds``) and, for multitask,
 the optimiser steps done by its members. Usage::
@@ -35,13 +36,13 @@ def _label_free(run: Path) -> dict[str, Any]:
         steps = sum(int(m.get("steps_done") or 0) for m in state["members"])
         return {"label_free": sum(aps) / len(aps), "label_free_kind": "synthetic val AP (mean of members)",
                 "members": [round(a, 3) for a in aps], "steps": steps}
-    last: dict[str, float] = {}
+    best: dict[str, float] = {}
     log = run / "train_log.jsonl"
     for line in log.read_text().splitlines() if log.exists() else []:
         rec = json.loads(line)
-        if rec.get("val_loss") is not None:
-            last[str(rec.get("module", rec.get("stage", "model")))] = float(rec["val_loss"])
-    return {"label_free": None, "label_free_kind": "last val loss per module", "val_losses": last}
+        if rec.get("best_val") is not None:
+            best[str(rec.get("stage", "model"))] = round(float(rec["best_val"]), 4)
+    return {"label_free": None, "label_free_kind": "best validation loss per trained module", "members": best}
 
 
 def main() -> None:
