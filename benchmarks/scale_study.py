@@ -56,8 +56,14 @@ def main() -> None:
     names = a.tests.split(",")
     rows = []
     for spec in a.points:
-        label, rest = spec.split("=", 1)
+        label, eq, rest = spec.partition("=")
         run, *evals = rest.split(":")
+        if not eq or not label or not run or not evals:
+            p.error(f"point {spec!r}: expected LABEL=RUN_DIR:EVAL_DIR[:EVAL_DIR2]")
+        missing = [f for f in [Path(run) / "config.yaml", Path(run) / "state.json",
+                               *(Path(e) / "metrics.json" for e in evals)] if not f.is_file()]
+        if missing:
+            p.error(f"point {label!r}: not a finished run / evaluation: {', '.join(map(str, missing))} missing")
         cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
         row: dict[str, Any] = {"label": label, "run": run, "train_seconds": (cfg.get("train") or {}).get("seconds"),
                                **_label_free(Path(run))}

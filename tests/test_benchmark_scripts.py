@@ -65,3 +65,55 @@ def test_seed_table_collects_every_seed_and_aggregates(tmp_path: Path) -> None:
         assert len(list(csv.DictReader(f))) == 4
     with pytest.raises(SystemExit, match="no seed"):
         mod.collect(tmp_path / "nothing")
+
+
+def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """scale_study.py: multitask's label-free score is the mean of its members' synthetic val AP, other methods
+    report each module's best validation loss; test metrics come from the evaluation folders; table, JSON and
+    figure are written. A malformed point or an unfinished run is one argparse error, not a traceback."""
+    import json
+    import sys
+
+    import yaml
+
+    mod = _load("scale_study")
+
+    def run(name: str, state: dict, log: list[dict], seconds: float) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump({"train": {"seconds": seconds}}))
+        (d / "state.json").write_text(json.dumps(state))
+        (d / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        return d
+
+    def ev(name: str, ap: float) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"pixel_ap": ap, "best_dice": ap / 2, "calibrated_dice": ap / 3,
+                                                    "sample_auroc": 0.6}))
+        return d
+
+    mt = run("mt", {"members": [{"synthetic_val_ap": 0.4, "steps_done": 10}, {"synthetic_val_ap": 0.6,
+                                                                             "steps_done": 30}]}, [], 12.0)
+    mim = run("mim", {}, [{"stage": "tokenizer", "best_val": 0.5}, {"stage": "tokenizer", "best_val": 0.25},
+                          {"stage": "mvtm", "best_val": 3.0}], 20.0)
+    out = tmp_path / "res" / "scale"
+    fig = tmp_path / "fig.png"
+    monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--figure", str(fig), "--tests", "in,other",
+                                      f"a={mt}:{ev('e1', 0.3)}:{ev('e2', 0.7)}", f"b={mim}:{ev('e3', 0.2)}"])
+    mod.main()
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert rows[0]["label_free"] == pytest.approx(0.5) and rows[0]["steps"] == 40
+    assert rows[0]["in_pixel_ap"] == 0.3 and rows[0]["other_pixel_ap"] == 0.7 and rows[0]["train_seconds"] == 12.0
+    assert rows[1]["label_free"] is None and rows[1]["members"] == {"tokenizer": 0.25, "mvtm": 3.0}
+    assert "other_pixel_ap" not in rows[1]
+    md = out.with_suffix(".md").read_text()
+    assert "| a | 12.000 | 40 | 0.500 |" in md and fig.stat().st_size > 0
+    capsys.readouterr()
+    for bad, msg in [("nolabel", "expected LABEL=RUN_DIR"), (f"x={mt}", "expected LABEL=RUN_DIR"),
+                     (f"x={tmp_path / 'nope'}:{tmp_path / 'e1'}", "not a finished run")]:
+        monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), bad])
+        with pytest.raises(SystemExit):
+            mod.main()
+        assert msg in capsys.readouterr().err
