@@ -1,0 +1,36 @@
+"""``cpu-long`` (issue 14) is ``cpu-small`` with longer training only: every other parameter stays the same."""
+
+from __future__ import annotations
+
+import pytest
+
+from medanomaly.methods import get_method_class, list_methods
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_cpu_long_only_trains_longer(name: str) -> None:
+    cls = get_method_class(name)
+    small, long_ = _flat(cls.config_set("cpu-small")), _flat(cls.config_set("cpu-long"))
+    assert small.keys() == long_.keys()
+    changed = {k for k in small if small[k] != long_[k]}
+    assert all(k.endswith("steps") and not k.endswith("warmup_steps") for k in changed), changed
+    for k in changed:
+        assert long_[k] == 4 * small[k], (k, small[k], long_[k])
+    trains = any(k.endswith("steps") for k in small)
+    assert bool(changed) == (trains and name != "intensity"), changed
+
+
+def test_patchcore_cpu_long_backbone_is_multitask_cpu_long_member() -> None:
+    pc = get_method_class("patchcore").config_set("cpu-long")["multitask"]
+    mt = get_method_class("multitask").config_set("cpu-long")
+    assert pc["model"] == mt["model"] and pc["train"] == {k: mt["train"][k] for k in pc["train"]}
