@@ -147,10 +147,13 @@ def table(out: Path, bench: Path, seeds: list[int], md: Path | None) -> None:
                 continue
             row = {"seed": seed, "method": run.name}
             for fmt in FORMATS:
-                ev = out / "eval" / f"seed-{seed}" / run.name / fmt
+                # PNG: the benchmark's own evaluation; JPEG / DICOM: the same run through `medanomaly evaluate`
+                ev = (bench / "eval" / f"seed-{seed}" / run.name if fmt == "png"
+                      else out / "eval" / f"seed-{seed}" / run.name / fmt)
                 if not (ev / "metrics.json").exists():
-                    subprocess.run([sys.executable, "-m", "medanomaly", "evaluate", str(run), "--data", _data_for(out, fmt),
-                                    "--split", "test", "--out", str(ev), "--force", "--quiet"], check=True)
+                    cli = str(Path(sys.executable).with_name("medanomaly"))
+                    subprocess.run([cli, "evaluate", str(run), "--data", _data_for(out, fmt), "--split", "test",
+                                    "--out", str(ev), "--force", "--quiet"], check=True)
                 m = json.loads((ev / "metrics.json").read_text())
                 row[f"{fmt}_auroc"], row[f"{fmt}_ap"] = m["sample_auroc"], m["sample_ap"]
                 if fmt == "png":
