@@ -109,7 +109,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     split: Annotated[str, typer.Option(help="Split to train on (healthy images only).")] = "train",
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of parameters.")] = None,
-    config_set: Annotated[str | None, typer.Option("--config-set", help="Shipped configuration: cpu-small | cpu-long | paper.")] = None,
+    config_set: Annotated[str | None, typer.Option("--config-set", help="cpu-small | cpu-long | paper.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value (YAML value), repeatable.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the config's, else 0).")] = None,
     preset: Annotated[str | None, typer.Option(help="Preprocessing preset (default: the dataset's).")] = None,

@@ -1,6 +1,20 @@
 """``mae``: the plain masked-autoencoder reconstruction detector (the pre-training stage of ``amae`` and
-``mae-pseudo`` on its own). Map = |x - reconstruction| averaged over random maskings with a fixed seed; image score
-from the map by :mod:`medanomaly.evaluation.scoring` (``image_score``, default the foreground mean)."""
+``mae-pseudo`` on its own). Map = |x - reconstruction| averaged over random maskings with a fixed seed, set to 0
+outside the foreground; image score from the map by :mod:`medanomaly.evaluation.scoring` (``image_score``, default
+the foreground mean).
+
+Optional post-processing, ``score.smooth: {min_size, avg_size}`` (odd window sizes in pixels of the model grid
+``mae.img_size``; 1 = that step off; default both 1: no post-processing, the map as before this option existed):
+MIM-OOD's min-pooling then average pooling (:func:`medanomaly.evaluation.postprocess.smooth_min_avg`), applied to
+the foreground-masked map, which is then masked to the foreground again (outside it the map stays 0) and scored.
+
+At the brain's edge: the brain presets zero the background, the MAE blurs that hard step, and the residual is
+concentrated in a band along the foreground edge (docs/results/controlled_cases.md). Because the masked map is 0
+outside the foreground, the min-pool sets every foreground pixel within ``min_size // 2`` px of the edge to 0 (its
+window reaches a background 0), and the average pool then lowers a further ``avg_size // 2`` px band by averaging in
+those zeros. This removes the edge band, and thin bright residuals anywhere, but equally lowers a lesion in that band
+(a lesion touching the edge loses its rim) and a lesion thinner than ``min_size`` px.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,7 @@ from typing import Any
 
 import torch
 
+from medanomaly.evaluation.postprocess import smooth_min_avg
 from medanomaly.evaluation.scoring import image_scores
 from medanomaly.methods.base import AnomalyResult, register
 from medanomaly.methods.mae.common import MAE_COMMON_DEFAULTS, MAE_COMMON_SCHEMA, MAEFamilyDetector, dataset_tensors
@@ -20,22 +35,36 @@ __all__ = ["MAEDetector"]
 @register
 class MAEDetector(MAEFamilyDetector):
     """Masked-autoencoder reconstruction residual. Its run folder is a pre-trained MAE for ``amae``/``mae-pseudo``
-    (``pretrained: <run folder>``)."""
+    (``pretrained: <run folder>``).
+
+    ``score.smooth`` (``min_size``/``avg_size``, odd, 1 = off, the default): min- then average pooling of the
+    foreground-masked map at the model size, re-masked to the foreground (see the module docstring for what the
+    min-pool does at the brain edge); the image score is computed from the smoothed map.
+    """
 
     name = "mae"
     #: the plain MAE is the one that pre-trains the backbone others reuse, wherever a benchmark lists it
     share_priority = -1
     defaults = {
         **MAE_COMMON_DEFAULTS,
-        "score": {"mask_ratio": 0.75, "n_masks": 4, "seed": 1234},
+        # smooth: min- then average pooling of the map (odd sizes in model pixels; 1 = off, the default)
+        "score": {"mask_ratio": 0.75, "n_masks": 4, "seed": 1234, "smooth": {"min_size": 1, "avg_size": 1}},
         "image_score": {"reduce": "mean", "fraction": 0.01},  # max | mean | topk, over the foreground
     }
-    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`)
+    #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`); smoothing sizes must also be odd (checked in
+    #: ``__init__``)
     parameter_schema = {
         **MAE_COMMON_SCHEMA,
-        "score": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024), "seed": SEED},
+        "score": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024), "seed": SEED,
+                  "smooth": {"min_size": Int(1, 99), "avg_size": Int(1, 99)}},
         "image_score": IMAGE_SCORE_SCHEMA,
     }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        for k, v in self.params["score"]["smooth"].items():
+            if v % 2 == 0:
+                raise ValueError(f"{self.name}: score.smooth.{k} = {v} must be an odd integer >= 1 (1: off)")
 
     def _fit(self, train: Any, val: Any | None = None) -> None:
         train, val = self._split(train, val)
@@ -52,6 +81,11 @@ class MAEDetector(MAEFamilyDetector):
         maps = (x - rec).abs().mean(1)
         if fg is not None:
             maps = maps * fg[:, 0]
+        sm = s["smooth"]
+        if int(sm["min_size"]) > 1 or int(sm["avg_size"]) > 1:  # both 1: the map as it was before this option
+            maps = smooth_min_avg(maps, int(sm["min_size"]), int(sm["avg_size"]), spatial_dims=maps.ndim - 1)
+            if fg is not None:
+                maps = maps * fg[:, 0]
         scores = image_scores(maps, fg, **self.params["image_score"])
         out = self._to_input_size(maps, tuple(images.shape[2:]))
         return AnomalyResult(out.cpu(), scores.cpu(), {"reconstructions": rec.cpu(),
