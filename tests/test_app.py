@@ -171,3 +171,59 @@ def test_seed_is_part_of_the_contract(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="int 'seed'"):
         register(NoSeed)
+
+
+def test_a_parameter_added_since_at_its_default_does_not_block_resuming(tmp_path: Path) -> None:
+    """A run started before a parameter existed (its fit_key lacks it) is the same fit when the parameter is at its
+    default (= the old behaviour): resumed without a warning; set to another value, it is another fit."""
+    import json
+    import warnings
+
+    from medanomaly.methods import get_method, get_method_class
+    from medanomaly.methods.base import RunContext
+    from medanomaly.methods.params import with_new_defaults
+
+    p = get_method_class("autoencoder").test_params()
+    a = make_toy_dataset(8, 16, seed=0)
+    work = tmp_path / "work"
+    get_method("autoencoder", **p).fit(a, context=RunContext(work_dir=work, quiet=True))
+    key = json.loads((work / "fit_key.json").read_text())
+    assert key["params"]["dropout"] == get_method_class("autoencoder").defaults["dropout"]
+    del key["params"]["dropout"]  # as written by a version before `dropout` existed
+    (work / "fit_key.json").write_text(json.dumps(key))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_method("autoencoder", **p).fit(a, context=RunContext(work_dir=work, resume=True, quiet=True))
+    key = json.loads((work / "fit_key.json").read_text())
+    del key["params"]["dropout"]
+    (work / "fit_key.json").write_text(json.dumps(key))
+    with pytest.warns(UserWarning, match="not resuming.*the settings differ"):
+        get_method("autoencoder", **{**p, "dropout": 0.25}).fit(
+            a, context=RunContext(work_dir=work, resume=True, quiet=True))
+    # the helper itself: only missing keys at their default are filled, nested, and nothing else changes
+    d = {"a": 1, "s": {"x": 1, "y": 2}, "n": 3}
+    assert with_new_defaults({"a": 5, "s": {"x": 1}}, {"a": 1, "s": {"x": 1, "y": 2}, "n": 3}, d) == \
+        {"a": 5, "s": {"x": 1, "y": 2}, "n": 3}
+    assert with_new_defaults({"s": {"x": 1}}, {"s": {"x": 1, "y": 7}, "n": 4}, d) == {"s": {"x": 1}}
+
+
+def test_resume_request_ignores_parameters_added_since_at_their_default() -> None:
+    """`train --resume`: a request recorded before a parameter existed still matches when the parameter is at its
+    default; another value, another seed or other images are still refused, naming what differs."""
+    import copy
+
+    from medanomaly.app.train import resume_conflict
+    from medanomaly.methods import get_method_class
+
+    params = json.loads(json.dumps(get_method_class("mae").defaults, default=str))
+    request = {"method": "mae", "params": params, "data": {"name": "x", "fingerprint": "f1"}, "sources": {}}
+    old = copy.deepcopy(request)
+    del old["params"]["score"]["smooth"]  # written by a version before score.smooth existed
+    assert resume_conflict(old, request, "mae") == "" and resume_conflict(None, request, "mae") == ""
+    on = copy.deepcopy(request)
+    on["params"]["score"]["smooth"] = {"min_size": 5, "avg_size": 5}
+    assert resume_conflict(old, on, "mae") == "params: score.smooth"
+    other = copy.deepcopy(request)
+    other["params"]["seed"] = 7
+    other["data"]["fingerprint"] = "f2"
+    assert resume_conflict(old, other, "mae") == "data, params: seed (the training images differ)"

@@ -63,6 +63,27 @@ def param_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
     return ": " + ", ".join(keys) if keys else ""
 
 
+def resume_conflict(old: dict[str, Any] | None, request: dict[str, Any], method: str) -> str:
+    """What differs between the request an unfinished run was started with and this one ("" when it may resume).
+    Parameters added to the method since the run started, at their defaults (the old behaviour), are no difference."""
+    if old is None:
+        return ""
+    old = dict(old)
+    if isinstance(old.get("params"), dict):
+        from medanomaly.methods import get_method_class
+        from medanomaly.methods.params import with_new_defaults
+
+        defaults = json.loads(json.dumps(get_method_class(method).defaults, default=str))
+        old["params"] = with_new_defaults(old["params"], request["params"], defaults)
+    if old == request:
+        return ""
+    diff = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+    detail = param_diff(old.get("params", {}), request["params"]) if "params" in diff else ""
+    if "data" in diff and (old.get("data") or {}).get("fingerprint") != (request.get("data") or {}).get("fingerprint"):
+        detail += " (the training images differ)"
+    return ", ".join(diff) + detail
+
+
 def train_run(
     method: str,
     data: Any,
@@ -158,12 +179,9 @@ def train_run(
 
     if folder.is_started and resume and not force:
         old = folder.read_request()
-        if old is not None and old != request:
-            diff = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
-            detail = param_diff(old.get("params", {}), request["params"]) if "params" in diff else ""
-            if "data" in diff and (old.get("data") or {}).get("fingerprint") != fingerprint:
-                detail += " (the training images differ)"
-            raise PipelineError(f"--resume: {folder.path} was started with different settings ({', '.join(diff)}{detail}); "
+        conflict = resume_conflict(old, request, method)
+        if conflict:
+            raise PipelineError(f"--resume: {folder.path} was started with different settings ({conflict}); "
                                 "repeat the original options or use --force to start over")
         resumed = old is not None
     say(f"training '{method}' on {len(train)} healthy images" + (f", validating on {len(val)}" if val is not None else ""))

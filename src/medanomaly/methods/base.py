@@ -293,6 +293,10 @@ class Detector(ABC):
                 old = json.loads(path.read_text())
             except (OSError, ValueError, UnicodeDecodeError):
                 old = "unreadable"
+            if isinstance(old, dict) and isinstance(old.get("params"), dict):
+                from medanomaly.methods.params import with_new_defaults
+
+                old["params"] = with_new_defaults(old["params"], key["params"], plain(self.defaults))
             if old != key:
                 if not isinstance(old, dict):
                     why = f"its {FIT_KEY_FILE} is unreadable"

@@ -37,6 +37,7 @@ from typing import Any as TypingAny
 
 __all__ = [
     "ParameterError",
+    "with_new_defaults",
     "Spec",
     "Int",
     "Float",
@@ -476,3 +477,20 @@ def _check(defaults: Mapping[str, TypingAny], schema: Mapping[str, TypingAny], p
                 problems.append(f"{where}: '{key}' is a section in the schema but not in the defaults")
         elif not isinstance(spec, Spec):
             problems.append(f"{where}: constraint '{key}' is a {type(spec).__name__}, not a Spec")
+
+
+def with_new_defaults(recorded: Mapping[str, TypingAny], current: Mapping[str, TypingAny],
+                      defaults: Mapping[str, TypingAny]) -> dict[str, TypingAny]:
+    """``recorded`` parameters (of a run started by an older version) plus the parameters added to the method since,
+    where ``current`` holds them at their ``defaults`` value: a parameter added later defaults to the behaviour
+    before it existed, so a run that lacks it is the same fit. A new parameter set to another value is left out, so
+    the comparison with ``current`` still sees the difference."""
+    out = dict(recorded)
+    for k, v in current.items():
+        d = defaults.get(k) if isinstance(defaults, Mapping) else None
+        if k not in recorded:
+            if d is not None and v == d:
+                out[k] = v
+        elif isinstance(v, Mapping) and isinstance(recorded[k], Mapping):
+            out[k] = with_new_defaults(recorded[k], v, d if isinstance(d, Mapping) else {})
+    return out
