@@ -117,3 +117,34 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
         with pytest.raises(SystemExit):
             mod.main()
         assert msg in capsys.readouterr().err
+
+
+def test_cxr_kermany_pool_is_disjoint_and_dicom_reads_back(tmp_path: Path) -> None:
+    """benchmarks/cxr_kermany.py: the AMAE pool takes whole patients out of the normal training set, has the 40 %
+    pneumonia ratio, keeps val/test as given; its CR DICOM (MONOCHROME1, 12 bit) reads back as the 8-bit image x 16."""
+    import numpy as np
+
+    from medanomaly.data.io import read_image
+
+    mod = _load("cxr_kermany")
+    recs = [{"case_id": f"n{i}", "image": f"n{i}.png", "label": "0", "split": "train", "patient_id": f"p{i // 2}"}
+            for i in range(300)]
+    recs += [{"case_id": f"a{i}", "image": f"a{i}.png", "label": "1", "split": "train-pneumonia", "patient_id": f"q{i}"}
+             for i in range(200)]
+    recs += [{"case_id": f"v{i}", "image": f"v{i}.png", "label": "0", "split": "val", "patient_id": f"v{i}"}
+             for i in range(5)]
+    out = mod.split_pool(recs, seed=0)
+    assert out == mod.split_pool(recs, seed=0) and out != mod.split_pool(recs, seed=1)
+    train = [r for r in out if r["split"] == "train"]
+    pool = [r for r in out if r["split"] == "pool"]
+    assert not {r["patient_id"] for r in train} & {r["patient_id"] for r in pool}
+    n_norm = sum(r["label"] == "0" for r in pool)
+    assert n_norm == mod.POOL_NORMALS and len(train) == 300 - n_norm
+    assert abs(sum(r["label"] == "1" for r in pool) / len(pool) - mod.POOL_RATIO) < 0.01
+    assert [r for r in out if r["split"] == "val"] == recs[-5:]
+    assert not any(r["split"] == "train-pneumonia" for r in out)
+    img = np.random.default_rng(0).integers(0, 256, (20, 30)).astype(np.uint8)
+    mod.write_cxr_dicom(img, tmp_path / "x.dcm", "case")
+    back = read_image(tmp_path / "x.dcm")
+    assert back.meta["photometric"] == "MONOCHROME1" and back.meta["modality"] == "CR"
+    np.testing.assert_array_equal(back.array, img.astype(np.float32) * 16)
