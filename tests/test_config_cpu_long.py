@@ -1,4 +1,5 @@
-"""``cpu-long`` (issue 14) is ``cpu-small`` with longer training only: every other parameter stays the same."""
+"""``cpu-long`` (issue 14) is ``cpu-small`` with longer training only (4x the steps; the MAE family 1x), every other
+parameter the same except the one documented exception."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def test_cpu_long_only_trains_longer(name: str) -> None:
     for k in changed:
         assert long_[k] == 4 * small[k], (k, small[k], long_[k])
     trains = any(k.endswith("steps") for k in small)
-    assert bool(changed) == (trains and name != "intensity"), changed
+    # the MAE family stays at 1x: 4x pre-training did not lower its validation loss (docs/results/scale_mae_lgg.md)
+    assert bool(changed) == (trains and name not in ("intensity", "mae", "amae", "mae-pseudo")), changed
 
 
 def test_patchcore_cpu_long_backbone_is_multitask_cpu_long_member() -> None:
