@@ -148,7 +148,11 @@ def _data_for(out: Path, fmt: str) -> str:
 def table(out: Path, bench: Path, seeds: list[int], md: Path | None) -> None:
     rows = []
     for seed in seeds:
-        for run in sorted((bench / "runs" / f"seed-{seed}").iterdir()):
+        folder = bench / "runs" / f"seed-{seed}"
+        if not folder.is_dir():
+            raise SystemExit(f"{folder}: no such folder; run the benchmark of the docstring with --out {bench} and "
+                             f"--seeds {seed} first")
+        for run in sorted(folder.iterdir()):
             if not (run / "config.yaml").exists():
                 continue
             row = {"seed": seed, "method": run.name}

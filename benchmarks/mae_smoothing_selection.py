@@ -274,7 +274,18 @@ def tables(rows: dict[str, dict[str, dict[str, float]]], tasks: tuple[str, ...])
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_sizes(text: str, parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    """``--sizes``: odd window sizes >= 1, including 1 (off); anything else is one argparse error, before any work."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        parser.error(f"--sizes must be comma-separated odd integers (e.g. 1,3,5), got {text!r}")
+    if 1 not in sizes or any(v < 1 or v % 2 == 0 for v in sizes):
+        parser.error(f"--sizes must be odd integers >= 1 and include 1 (off), got {text!r}")
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="out/lgg_to_brats_all/runs/seed-0/mae", help="a finished mae run folder (2D)")
     p.add_argument("--out", default="out/mae_smoothing_selection")
@@ -290,7 +301,8 @@ def main() -> None:
                    help="data set(s) whose --test-split is evaluated after the choice (default: lgg-flair-2d)")
     p.add_argument("--test-split", default="test")
     p.add_argument("--no-test", action="store_true", help="stop after the choice")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    sizes = parse_sizes(args.sizes, p)
     from medanomaly.app.predict import load_run
     from medanomaly.methods import get_method
     from medanomaly.methods.base import RunContext
@@ -319,9 +331,6 @@ def main() -> None:
     clean = predict_maps(det, val["image"], val["foreground"])
     raw = {n: predict_maps(det, d["image"], d["foreground"]) for n, d in synth.items()}
     predict_s = time.perf_counter() - t1
-    sizes = tuple(int(v) for v in args.sizes.split(","))
-    if 1 not in sizes or any(v < 1 or v % 2 == 0 for v in sizes):
-        raise SystemExit(f"--sizes must be odd ints >= 1 including 1 (off), got {args.sizes}")
     grid = [(a, b) for a in sizes for b in sizes]
     xb, fb = synth[tasks[0]]["image"][:32], synth[tasks[0]]["foreground"][:32]
     for s in grid:

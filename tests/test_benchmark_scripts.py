@@ -148,3 +148,64 @@ def test_cxr_kermany_pool_is_disjoint_and_dicom_reads_back(tmp_path: Path) -> No
     back = read_image(tmp_path / "x.dcm")
     assert back.meta["photometric"] == "MONOCHROME1" and back.meta["modality"] == "CR"
     np.testing.assert_array_equal(back.array, img.astype(np.float32) * 16)
+
+
+def test_cxr_kermany_mean_table_and_missing_benchmark(tmp_path: Path) -> None:
+    """The per-format mean ± std (sample std) of the CXR table, checked by hand; a missing benchmark is one clear error."""
+    mod = _load("cxr_kermany")
+    rows = [{"method": "mae", "png_auroc": a, "jpeg_auroc": a + 0.01, "dicom_auroc": a, "png_ap": 0.5,
+             "calibrated_sensitivity": 0.4, "calibrated_specificity": 0.9, "train_seconds": 100.0} for a in (0.8, 0.9)]
+    rows.append({**rows[0], "method": "autoencoder", "train_seconds": None})
+    lines = mod.mean_table(rows).splitlines()
+    assert lines[2] == "| mae | 0.850 ± 0.071 | 0.860 ± 0.071 | 0.850 ± 0.071 | 0.500 ± 0.000 | 0.40 / 0.90 | 100 |"
+    assert lines[3] == "| autoencoder | 0.800 | 0.810 | 0.800 | 0.500 | 0.40 / 0.90 | 0 |"
+    with pytest.raises(SystemExit, match="no such folder; run the benchmark"):
+        mod.table(tmp_path, tmp_path / "bench", [0], None)
+
+
+def test_mae_smoothing_selection_helpers() -> None:
+    """benchmarks/mae_smoothing_selection.py: the edge band on a known square, the post-processing equals mae's
+    predict with that setting, the 'edge' share by brute force, pixel AP against scikit-learn, bad --sizes refused."""
+    import argparse
+
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    from medanomaly.data import make_toy_dataset, stack_dataset
+    from medanomaly.methods import get_method, get_method_class
+    from medanomaly.methods.base import RunContext
+
+    mod = _load("mae_smoothing_selection")
+    fg = torch.zeros(1, 1, 20, 20, dtype=torch.bool)
+    fg[0, 0, 5:15, 5:15] = True
+    band = mod.edge_band(fg, r=2)
+    want = fg[0, 0].clone()
+    want[7:13, 7:13] = False  # the 10 x 10 square minus its 6 x 6 interior
+    assert torch.equal(band[0], want)
+
+    det = get_method("mae", **get_method_class("mae").config_set("test"))
+    det.fit(make_toy_dataset(n=8, size=32, seed=1), context=RunContext(quiet=True))
+    test = stack_dataset(make_toy_dataset(n=4, size=32, abnormal_fraction=0.5, seed=2))
+    x, f = test["image"], test["foreground"].bool()
+    raw = mod.predict_maps(det, x, f)
+    for s in ((1, 1), (3, 5), (5, 5)):
+        assert torch.equal(mod.predict_maps(mod.with_setting(det, s), x, f), mod.smoothed(raw, f, s))
+
+    rng = np.random.default_rng(0)
+    maps = torch.tensor(rng.random((2, 20, 20)), dtype=torch.float32)
+    masks = torch.zeros(2, 20, 20, dtype=torch.bool)
+    masks[0, 8:11, 8:11] = True
+    fg2 = fg.expand(2, 1, 20, 20)
+    band2 = mod.edge_band(fg2, r=2)
+    m = mod.metrics(maps, masks, fg2, band2)
+    sel = fg2[:, 0]
+    assert m["ap"] == pytest.approx(average_precision_score(masks[sel].numpy(), maps[sel].numpy()))
+    v, b = maps[sel].numpy(), band2[sel].numpy()
+    top = np.argsort(v)[-int(masks.sum()):]  # the k highest foreground pixels (no ties in random floats)
+    assert m["edge"] == pytest.approx(b[top].mean())
+
+    p = argparse.ArgumentParser()
+    assert mod.parse_sizes("1,3,5", p) == (1, 3, 5)
+    for bad in ("3,5", "1,2", "1,x", "0,1"):
+        with pytest.raises(SystemExit):
+            mod.parse_sizes(bad, p)
