@@ -121,3 +121,49 @@ def test_round_trip_through_run_folder_and_overrides(fitted: tuple, tmp_path: Pa
     assert params["score"]["smooth"] == {"min_size": 3, "avg_size": 1}
     with pytest.raises(ValueError, match="odd"):
         resolve_config("mae", config_set="test", overrides={"score.smooth.avg_size": 4})
+
+
+@pytest.fixture(scope="module")
+def amae_pair(fitted: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """``amae`` without a pool (protocol N) on the fitted MAE (``pretrained``), its residual set to ``mae``'s masking."""
+    det, test = fitted
+    run = det.save(tmp_path_factory.mktemp("mae") / "run")
+    params = get_method_class("amae").config_set("test")
+    s = det.params["score"]
+    params.update(pretrained=str(run), residual={"mask_ratio": s["mask_ratio"], "n_masks": s["n_masks"]})
+    params["stage2"] = {**params.get("stage2", {}), "test_seed": s["seed"]}
+    am = get_method("amae", **params)
+    am.fit(make_toy_dataset(n=12, size=32, seed=1), context=RunContext(quiet=True))
+    return det, am, test
+
+
+def _amae_with(am: Any, **smooth: int) -> Any:
+    params = {**am.params, "residual": {**am.params["residual"], "smooth": smooth}}
+    other = get_method("amae", **params)
+    other.load_state_tensors(am.state_tensors())
+    other.is_fitted = True
+    return other
+
+
+def test_amae_residual_map_is_maes_map_and_smooths_the_same(amae_pair: tuple) -> None:
+    """``amae``'s no-pool map is ``mae``'s residual map of the same MAE; ``residual.smooth`` does to it exactly what
+    ``score.smooth`` does to ``mae``'s (one code path), and leaves the image score (the stage-1 head) alone."""
+    det, am, test = amae_pair
+    x, fg = test["image"], test["foreground"]
+    assert am.params["residual"]["smooth"] == {"min_size": 1, "avg_size": 1}
+    off = am.predict(x, fg)
+    assert torch.equal(off.pixel_scores, det.predict(x, fg).pixel_scores)
+    on = _amae_with(am, min_size=5, avg_size=3).predict(x, fg)
+    assert torch.equal(on.pixel_scores, _with_weights(det, smooth={"min_size": 5, "avg_size": 3}).predict(x, fg).pixel_scores)
+    assert torch.equal(on.pixel_scores, smooth_min_avg(off.pixel_scores, 5, 3) * fg[:, 0])
+    assert torch.equal(on.image_scores, off.image_scores)  # protocol N: the head's probability
+    want = image_scores(on.pixel_scores, fg.bool(), **am.params["image_score"])
+    assert torch.equal(on.extras["map_image_scores"], want)
+
+
+@pytest.mark.parametrize("bad", [2, 0, 3.5])
+def test_amae_bad_residual_smooth_fails_at_construction(bad: Any) -> None:
+    params = get_method_class("amae").config_set("test")
+    params["residual"] = {"smooth": {"min_size": 3, "avg_size": bad}}
+    with pytest.raises(ValueError, match=r"amae: residual\.smooth\.avg_size = "):
+        get_method("amae", **params)

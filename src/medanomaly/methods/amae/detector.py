@@ -18,7 +18,8 @@
   map is |mean of A's reconstructions - mean of B's| over ``n_masks_test`` shared maskings, image score from the map
   by :mod:`medanomaly.evaluation.scoring` (``image_score``, default its foreground mean).
 - Without a pool (the paper's protocol N) the image score is the stage-1 head probability and the map the
-  pre-trained MAE's residual |x - reconstruction|; the map's own score (``image_score``) is in
+  pre-trained MAE's residual |x - reconstruction| (``residual.smooth``: the same optional min/average pooling as
+  ``mae``'s ``score.smooth``, default off); the map's own score (``image_score``) is in
   ``extras["map_image_scores"]``.
 
 The pool is passed as ``fit(train, val, unlabeled=dataset)`` or named by ``stage2.unlabeled_data`` (a dataset name
@@ -40,9 +41,13 @@ from medanomaly.methods.base import AnomalyResult, register
 from medanomaly.methods.mae.common import (
     MAE_COMMON_DEFAULTS,
     MAE_COMMON_SCHEMA,
+    SMOOTH_DEFAULTS,
+    SMOOTH_SCHEMA,
     MAEFamilyDetector,
     apply_synth,
+    check_smooth,
     dataset_tensors,
+    residual_map,
     size_spec,
     synth_task,
 )
@@ -173,7 +178,8 @@ class AMAE(MAEFamilyDetector):
             "val_every": 200,
             "checkpoint_every": 500,
         },
-        "residual": {"mask_ratio": 0.75, "n_masks": 4},  # the stage-1-only map
+        # the stage-1-only map (no pool): the MAE residual, smoothed as ``mae``'s ``score.smooth`` (default off)
+        "residual": {"mask_ratio": 0.75, "n_masks": 4, "smooth": dict(SMOOTH_DEFAULTS)},
         "image_score": {"reduce": "mean", "fraction": 0.01},  # the map's image score (stage 2; protocol N: extras)
     }
     #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`)
@@ -200,12 +206,13 @@ class AMAE(MAEFamilyDetector):
             n_masks_test=Int(1, 1024),
             test_seed=SEED,
         ),
-        "residual": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024)},
+        "residual": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024), "smooth": SMOOTH_SCHEMA},
         "image_score": IMAGE_SCORE_SCHEMA,
     }
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        check_smooth(self.params["residual"]["smooth"], f"{self.name}: residual.smooth")
         self.head: MLPHead | None = None
         self.mae_a: MAE | None = None
         self.mae_b: MAE | None = None
@@ -398,11 +405,8 @@ class AMAE(MAEFamilyDetector):
             extras["restoration"] = resize_to(ra, tuple(images.shape[2:])).cpu()  # module A's mean reconstruction
         else:
             r = self.params["residual"]
-            rec = self.mae.reconstruct(x, float(r["mask_ratio"]), int(r["n_masks"]),
-                                       torch.Generator().manual_seed(int(self.params["stage2"]["test_seed"])), bs)
-            maps = (x - rec).abs().mean(1)
-            if fg is not None:
-                maps = maps * fg[:, 0]
+            maps, rec = residual_map(self.mae, x, fg, float(r["mask_ratio"]), int(r["n_masks"]),
+                                     int(self.params["stage2"]["test_seed"]), bs, r["smooth"])
             scores = p1
             extras["map_image_scores"] = image_scores(maps, fg, **self.params["image_score"]).cpu()
             extras["reconstructions"] = rec.cpu()

@@ -33,6 +33,10 @@ from medanomaly.nets.mae import ARCH_DEFAULTS, MAE, PRETRAIN_DEFAULTS, load_mae_
 __all__ = [
     "MAE_COMMON_DEFAULTS",
     "MAE_COMMON_SCHEMA",
+    "SMOOTH_DEFAULTS",
+    "SMOOTH_SCHEMA",
+    "check_smooth",
+    "residual_map",
     "size_spec",
     "MAEFamilyDetector",
     "dataset_tensors",
@@ -155,6 +159,38 @@ def apply_synth(fn: SynthFn, x: torch.Tensor, fg: torch.Tensor, rng: np.random.G
 
 
 # -- the detector base ----------------------------------------------------------------------------
+#: the residual map's optional post-processing (odd window sizes in model pixels; 1 = that step off; both 1 = none)
+SMOOTH_DEFAULTS: dict[str, int] = {"min_size": 1, "avg_size": 1}
+SMOOTH_SCHEMA: dict[str, Any] = {"min_size": Int(1, 99), "avg_size": Int(1, 99)}
+
+
+def check_smooth(smooth: dict[str, Any], where: str) -> None:
+    """Refuse even window sizes (a min/average pool of even width has no centre pixel)."""
+    for k, v in smooth.items():
+        if int(v) % 2 == 0:
+            raise ValueError(f"{where}.{k} = {v} must be an odd integer >= 1 (1: off)")
+
+
+def residual_map(mae: MAE, x: torch.Tensor, fg: torch.Tensor | None, mask_ratio: float, n_masks: int, seed: int,
+                 batch_size: int, smooth: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, reconstructions): |x - reconstruction| averaged over ``n_masks`` random maskings (``seed``) and the
+    channels, times the foreground; with ``smooth`` (``min_size``/``avg_size`` > 1) then min- and average pooled
+    (:func:`medanomaly.evaluation.postprocess.smooth_min_avg`) and masked to the foreground again. Both sizes 1: the
+    map exactly as before smoothing existed. The one residual map of ``mae`` and of ``amae`` without a pool."""
+    from medanomaly.evaluation.postprocess import smooth_min_avg
+
+    rec = mae.reconstruct(x, mask_ratio, n_masks, torch.Generator().manual_seed(seed), batch_size)
+    maps = (x - rec).abs().mean(1)
+    if fg is not None:
+        maps = maps * fg[:, 0]
+    sm = smooth or SMOOTH_DEFAULTS
+    if int(sm["min_size"]) > 1 or int(sm["avg_size"]) > 1:
+        maps = smooth_min_avg(maps, int(sm["min_size"]), int(sm["avg_size"]), spatial_dims=maps.ndim - 1)
+        if fg is not None:
+            maps = maps * fg[:, 0]
+    return maps, rec
+
+
 class MAEFamilyDetector(Detector):
     """Base of ``mae``, ``amae`` and ``mae-pseudo``: owns ``self.mae`` (the pre-trained backbone)."""
 

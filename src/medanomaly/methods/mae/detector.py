@@ -22,10 +22,18 @@ from typing import Any
 
 import torch
 
-from medanomaly.evaluation.postprocess import smooth_min_avg
 from medanomaly.evaluation.scoring import image_scores
 from medanomaly.methods.base import AnomalyResult, register
-from medanomaly.methods.mae.common import MAE_COMMON_DEFAULTS, MAE_COMMON_SCHEMA, MAEFamilyDetector, dataset_tensors
+from medanomaly.methods.mae.common import (
+    MAE_COMMON_DEFAULTS,
+    MAE_COMMON_SCHEMA,
+    SMOOTH_DEFAULTS,
+    SMOOTH_SCHEMA,
+    MAEFamilyDetector,
+    check_smooth,
+    dataset_tensors,
+    residual_map,
+)
 from medanomaly.methods.params import IMAGE_SCORE_SCHEMA, SEED, Float, Int
 from medanomaly.nets.mae import resize_to
 
@@ -48,7 +56,7 @@ class MAEDetector(MAEFamilyDetector):
     defaults = {
         **MAE_COMMON_DEFAULTS,
         # smooth: min- then average pooling of the map (odd sizes in model pixels; 1 = off, the default)
-        "score": {"mask_ratio": 0.75, "n_masks": 4, "seed": 1234, "smooth": {"min_size": 1, "avg_size": 1}},
+        "score": {"mask_ratio": 0.75, "n_masks": 4, "seed": 1234, "smooth": dict(SMOOTH_DEFAULTS)},
         "image_score": {"reduce": "mean", "fraction": 0.01},  # max | mean | topk, over the foreground
     }
     #: constraints of ``defaults`` (see :mod:`medanomaly.methods.params`); smoothing sizes must also be odd (checked in
@@ -56,15 +64,13 @@ class MAEDetector(MAEFamilyDetector):
     parameter_schema = {
         **MAE_COMMON_SCHEMA,
         "score": {"mask_ratio": Float(0, 1, closed="neither"), "n_masks": Int(1, 1024), "seed": SEED,
-                  "smooth": {"min_size": Int(1, 99), "avg_size": Int(1, 99)}},
+                  "smooth": SMOOTH_SCHEMA},
         "image_score": IMAGE_SCORE_SCHEMA,
     }
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        for k, v in self.params["score"]["smooth"].items():
-            if v % 2 == 0:
-                raise ValueError(f"{self.name}: score.smooth.{k} = {v} must be an odd integer >= 1 (1: off)")
+        check_smooth(self.params["score"]["smooth"], f"{self.name}: score.smooth")
 
     def _fit(self, train: Any, val: Any | None = None) -> None:
         train, val = self._split(train, val)
@@ -76,16 +82,8 @@ class MAEDetector(MAEFamilyDetector):
     def _predict(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> AnomalyResult:
         x, fg = self._prepare(images, foreground)
         s = self.params["score"]
-        g = torch.Generator().manual_seed(int(s["seed"]))
-        rec = self.mae.reconstruct(x, float(s["mask_ratio"]), int(s["n_masks"]), g, int(self.params["batch_size"]))
-        maps = (x - rec).abs().mean(1)
-        if fg is not None:
-            maps = maps * fg[:, 0]
-        sm = s["smooth"]
-        if int(sm["min_size"]) > 1 or int(sm["avg_size"]) > 1:  # both 1: the map as it was before this option
-            maps = smooth_min_avg(maps, int(sm["min_size"]), int(sm["avg_size"]), spatial_dims=maps.ndim - 1)
-            if fg is not None:
-                maps = maps * fg[:, 0]
+        maps, rec = residual_map(self.mae, x, fg, float(s["mask_ratio"]), int(s["n_masks"]), int(s["seed"]),
+                                 int(self.params["batch_size"]), s["smooth"])
         scores = image_scores(maps, fg, **self.params["image_score"])
         out = self._to_input_size(maps, tuple(images.shape[2:]))
         return AnomalyResult(out.cpu(), scores.cpu(), {"reconstructions": rec.cpu(),
