@@ -22,7 +22,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def test_cpu_long_only_trains_longer(name: str) -> None:
     cls = get_method_class(name)
     small, long_ = _flat(cls.config_set("cpu-small")), _flat(cls.config_set("cpu-long"))
-    # the one documented exception: the MAE residual map's smoothing (mae; amae's no-pool map), chosen label-free (docs/results/mae_smoothing_selection.md)
+    # the one documented exception: the MAE residual map's smoothing (mae; amae's no-pool map), chosen label-free
+    # (docs/results/mae_smoothing_selection.md)
     extra = {"mae": {"score.smooth.min_size": 5, "score.smooth.avg_size": 5},
              "amae": {"residual.smooth.min_size": 5, "residual.smooth.avg_size": 5}}.get(name, {})
     assert {k: long_.pop(k, None) for k in extra} == extra

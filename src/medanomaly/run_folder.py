@@ -45,6 +45,7 @@ __all__ = [
     "RunFolder",
     "RunFolderError",
     "RunVersionWarning",
+    "loop_seconds",
     "plain",
 ]
 
@@ -322,6 +323,18 @@ class RunFolder:
             raise RunFolderError(f"{spath}: expected a JSON object, got {type(state).__name__}")
         return state
 
+    def train_seconds(self) -> tuple[float | None, str]:
+        """(seconds, what they are): the wall seconds of ``train`` for a run trained in one go; for a resumed run,
+        the training-loop seconds summed over every session in its log (``train.seconds`` only holds the last
+        session's); ``None`` when not recorded."""
+        train = self.read_config().get("train") or {}
+        if train.get("resumed"):
+            total = loop_seconds(self.read_train_log())
+            if total is not None:
+                return total, "training-loop seconds summed over the sessions of a resumed run (train_log.jsonl)"
+        s = train.get("seconds")
+        return (float(s) if s is not None else None), "wall seconds of training in one session"
+
     def read_train_log(self) -> list[dict[str, Any]]:
         """The training log; unreadable lines are skipped with one warning (nothing downstream needs the log)."""
         log = self.path / TRAIN_LOG_FILE
@@ -381,3 +394,21 @@ class RunFolder:
             warnings.warn(f"{self.path} was written with {', '.join(diffs)}; its predictions may differ slightly",
                           RunVersionWarning, stacklevel=3)
         return diffs
+
+
+def loop_seconds(train_log: list[dict[str, Any]]) -> float | None:
+    """Training-loop seconds over all sessions of a log: each record's ``seconds`` counts from the start of its
+    session's loop for one stage/member, so a session ends where that count falls; the sum of each session's last
+    count per stage/member. ``None`` when no record has ``seconds``."""
+    last: dict[tuple[Any, Any], float] = {}
+    total, seen = 0.0, False
+    for rec in train_log:
+        s = rec.get("seconds")
+        if not isinstance(s, int | float) or isinstance(s, bool):
+            continue
+        seen = True
+        key = (rec.get("stage"), rec.get("member"))
+        if key in last and s < last[key]:
+            total += last[key]
+        last[key] = float(s)
+    return total + sum(last.values()) if seen else None

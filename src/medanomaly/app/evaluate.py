@@ -230,6 +230,7 @@ def evaluate_run(
         only = "abnormal" if classes == {1} else "normal"
         _undefined(metrics, _SAMPLE_KEYS, f"all labelled images are {only}: sample AP/AUROC need both classes")
     _calibrated_metrics(metrics, thr, S, M, F, HM, IS, L)
+    train_seconds, train_seconds_are = RunFolder(run).train_seconds()
     metrics.update(
         {
             "seconds_per_image": predict_seconds / max(n, 1),
@@ -238,7 +239,8 @@ def evaluate_run(
             "predict_seconds": predict_seconds,
             "wall_seconds": wall,
             "device": describe_device(det),
-            "train_seconds": (cfg.get("train") or {}).get("seconds"),
+            "train_seconds": train_seconds,
+            "train_seconds_are": train_seconds_are,
             "pixel_metrics_over": "foreground pixels of images with a known mask",
         }
     )
