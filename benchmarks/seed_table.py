@@ -23,6 +23,21 @@ COLUMNS = ("pixel_ap", "pixel_auroc", "best_dice", "calibrated_dice", "calibrate
            "calibrated_fpr", "sample_ap", "sample_auroc", "train_seconds", "seconds_per_image")
 
 
+def _train_seconds(m: dict[str, Any]) -> float | None:
+    """The run's train seconds as the evaluation reports them now (a resumed run: summed over its sessions), read
+    from the run folder when it is still there; else what ``metrics.json`` recorded (older evaluations of a
+    resumed run recorded only the last session's)."""
+    from medanomaly.run_folder import RunFolder, RunFolderError
+
+    run = m.get("run")
+    if run and Path(run).is_dir():
+        try:
+            return RunFolder(run).train_seconds()[0]
+        except RunFolderError:
+            pass
+    return m.get("train_seconds")
+
+
 def collect(out: Path, labels: list[str] | None = None) -> list[dict[str, Any]]:
     """Per-seed rows (label, seed, metrics) from ``out/eval/seed-<k>/<label>/metrics.json``, seeds in order."""
     rows: list[dict[str, Any]] = []
@@ -38,7 +53,9 @@ def collect(out: Path, labels: list[str] | None = None) -> list[dict[str, Any]]:
             if not f.is_file():
                 continue
             m = json.loads(f.read_text())
-            rows.append({"method": lab, "seed": k, **{c: m.get(c) for c in COLUMNS}})
+            row = {"method": lab, "seed": k, **{c: m.get(c) for c in COLUMNS}}
+            row["train_seconds"] = _train_seconds(m)
+            rows.append(row)
     if not rows:
         raise SystemExit(f"no metrics.json under {out}/eval/seed-*/")
     if labels:
