@@ -63,6 +63,8 @@ def test_train_and_evaluate_in_memory(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert on_disk["pixel_ap"] == pytest.approx(m["pixel_ap"])
     assert (tmp_path / "ev" / "report.html").is_file()
+    # a run trained in one go reports its recorded wall seconds, and says so
+    assert m["train_seconds"] == cfg["train"]["seconds"] and "one session" in m["train_seconds_are"]
     # other image size than the run was trained on: a clear error
     with pytest.raises(PipelineError, match="shape"):
         evaluate_run(tmp_path / "run", make_toy_dataset(4, 16, seed=2), None, quiet=True)

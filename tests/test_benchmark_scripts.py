@@ -67,6 +67,31 @@ def test_seed_table_collects_every_seed_and_aggregates(tmp_path: Path) -> None:
         mod.collect(tmp_path / "nothing")
 
 
+def test_seed_table_train_seconds_from_the_run_folder(tmp_path: Path) -> None:
+    """A resumed run's train seconds come from its run folder (summed over its sessions), not from an older
+    metrics.json that held only the last session's; a missing or unreadable run folder falls back to metrics.json."""
+    import json
+
+    import yaml
+
+    mod = _load("seed_table")
+    runs = {"resumed": tmp_path / "runs" / "resumed", "broken": tmp_path / "runs" / "broken"}
+    runs["resumed"].mkdir(parents=True)
+    (runs["resumed"] / "config.yaml").write_text(yaml.safe_dump(
+        {"method": "autoencoder", "params": {}, "train": {"seconds": 3.0, "resumed": True}}))
+    log = [{"step": i, "seconds": s, "stage": "s"} for i, s in enumerate([1.0, 2.0, 40.0, 0.5, 1.5, 3.0])]
+    (runs["resumed"] / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    runs["broken"].mkdir(parents=True)
+    (runs["broken"] / "config.yaml").write_text("params: [not a run]\n")
+    where = {"resumed": str(runs["resumed"]), "broken": str(runs["broken"]), "gone": str(tmp_path / "runs" / "gone")}
+    for lab, run in where.items():
+        d = tmp_path / "eval" / "seed-0" / lab
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"pixel_ap": 0.1, "train_seconds": 3.0, "run": run}))
+    got = {r["method"]: r["train_seconds"] for r in mod.collect(tmp_path)}
+    assert got == {"resumed": pytest.approx(43.0), "broken": 3.0, "gone": 3.0}
+
+
 def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """scale_study.py: multitask's label-free score is the mean of its members' synthetic val AP, other methods
