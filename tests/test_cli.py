@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SIZE = 32
-COMMANDS = ("train", "predict", "evaluate", "benchmark", "demo", "list", "synth")
+COMMANDS = ("train", "predict", "evaluate", "validate", "benchmark", "demo", "list", "synth")
 
 
 def _runner() -> CliRunner:

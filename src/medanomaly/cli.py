@@ -257,6 +257,49 @@ def evaluate(
 
 
 @app.command()
+def validate(
+    run: Annotated[Path | None, typer.Argument(help="Run folder written by `medanomaly train`.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for synthetic_validation.json and "
+                                             "synthetic_examples.png (default: print only).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A shipped model instead of a run folder.")] = None,
+    tasks: Annotated[str, typer.Option(help="Synthetic tasks, comma-separated (see `medanomaly list`).")] =
+        "intra-blend,sink,source,smooth-intensity,fpi,cutpaste",
+    draws: Annotated[int, typer.Option(help="Anomalous copies of every image per task.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic anomalies.")] = 0,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="Use this many validation images, evenly "
+                                                   "spaced (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per predict call.")] = 16,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Label-free validation: the run's maps on synthetic anomalies in its own healthy validation images.
+
+    No lesion label is read, so the numbers may choose between runs, settings, seeds and methods. Compare methods
+    on `unseen_pixel_ap` (tasks no method here trains on), runs of one method on `mean_pixel_ap`.
+
+    Examples:
+
+        medanomaly validate runs/mt --out val/mt
+
+        medanomaly validate runs/mim --tasks fpi,cutpaste --draws 3 --max-images 200
+    """
+    from medanomaly.app.outputs import resolve_run
+    from medanomaly.app.validate import validate_run
+
+    with _errors():
+        run, _ = resolve_run(run, model)
+        r = validate_run(run, out, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), draws=draws,
+                         seed=seed, max_images=max_images, batch_size=batch_size, force=force, quiet=quiet)
+        typer.echo("  ".join(f"{k}={_fmt(r.get(k))}" for k in ("mean_pixel_ap", "unseen_pixel_ap", "mean_image_auroc",
+                                                                 "n_images")))
+        for name, v in r["per_task"].items():
+            typer.echo(f"  {name}: pixel_ap={_fmt(v['pixel_ap'])}  pixel_auroc={_fmt(v['pixel_auroc'])}  "
+                       f"best_dice={_fmt(v['best_dice'])}  image_auroc={_fmt(v['image_auroc'])}")
+        if out is not None:
+            typer.echo(f"written: {Path(out) / 'synthetic_validation.json'}")
+
+
+@app.command()
 def benchmark(
     methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated method names or LABEL=METHOD variants.")],
     data: Annotated[str, typer.Option("--data", "-d", help="Dataset name (with options: NAME:key=value,...) or manifest.")],
