@@ -61,7 +61,9 @@ def validated(run: Path, cache: Path, max_images: int | None, draws: int, seed: 
 def spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
 
-    return float(spearmanr(a, b)[0]) if len(a) >= 3 else float("nan")
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:  # undefined for fewer than 3 points or a constant
+        return float("nan")
+    return float(spearmanr(a, b)[0])
 
 
 def main(argv: list[str] | None = None) -> None:

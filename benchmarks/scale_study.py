@@ -8,6 +8,10 @@ family (``--family``). The label-free number is what the run itself recorded on 
 - other methods: the best validation loss of every trained module in ``train_log.jsonl`` (lower is better; a
   module's loss depends on the modules before it, e.g. the MVTM's on the tokenizer's codebook).
 
+With ``--validate-dir DIR``, every point also gets ``synthetic_ap``: :func:`medanomaly.app.validate.validate_run`
+(synthetic anomalies in the run's own healthy validation images, all default tasks; cached in ``DIR/<label>``), a
+label-free score comparable across methods and budgets; the figure's label-free panel then shows it.
+
 Training compute is the run's recorded training seconds (``config.yaml``: ``train.seconds``) and, for multitask,
 the optimiser steps done by its members. Usage::
 
@@ -45,6 +49,15 @@ def _label_free(run: Path) -> dict[str, Any]:
     return {"label_free": None, "label_free_kind": "best validation loss per trained module", "members": best}
 
 
+def _synthetic_ap(run: Path, cache: Path) -> float:
+    """``mean_pixel_ap`` of :func:`~medanomaly.app.validate.validate_run` (default tasks, seed 0), cached."""
+    from medanomaly.app.validate import validate_run
+
+    f = cache / "synthetic_validation.json"
+    rec = json.loads(f.read_text()) if f.is_file() else validate_run(run, cache, force=True, quiet=True)
+    return float(rec["mean_pixel_ap"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
@@ -52,6 +65,7 @@ def main() -> None:
     p.add_argument("--family", default="")
     p.add_argument("--tests", default="test,other", help="names of the two test sets, comma-separated")
     p.add_argument("--figure", default=None, help="figure path (default: OUT.png)")
+    p.add_argument("--validate-dir", default=None, help="also score every run with `medanomaly validate` (cached here)")
     a = p.parse_args()
     names = a.tests.split(",")
     rows = []
@@ -67,6 +81,8 @@ def main() -> None:
         cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
         row: dict[str, Any] = {"label": label, "run": run, "train_seconds": (cfg.get("train") or {}).get("seconds"),
                                **_label_free(Path(run))}
+        if a.validate_dir:
+            row["synthetic_ap"] = _synthetic_ap(Path(run), Path(a.validate_dir) / label)
         for name, ev in zip(names, evals, strict=False):
             m = json.loads((Path(ev) / "metrics.json").read_text())
             for k in ("pixel_ap", "best_dice", "calibrated_dice", "sample_auroc"):
@@ -74,7 +90,7 @@ def main() -> None:
         rows.append(row)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["label", "train_seconds", "steps", "label_free", "members"] + [
+    keys = ["label", "train_seconds", "steps", "label_free", "members", "synthetic_ap"] + [
         f"{n}_{k}" for n in names for k in ("pixel_ap", "best_dice", "calibrated_dice", "sample_auroc")]
     keys = [k for k in keys if any(k in r for r in rows)]
 
@@ -94,15 +110,17 @@ def main() -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
     xs = [r["train_seconds"] or 0 for r in rows]
+    lf_key = "synthetic_ap" if a.validate_dir else "label_free"
+    lf_kind = "synthetic val pixel AP (medanomaly validate)" if a.validate_dir else rows[0]["label_free_kind"]
     for i, r in enumerate(rows):
-        if r.get("label_free") is not None:
-            ax[0].scatter(xs[i], r["label_free"], color="C0")
-            ax[0].annotate(r["label"], (xs[i], r["label_free"]), fontsize=8)
+        if r.get(lf_key) is not None:
+            ax[0].scatter(xs[i], r[lf_key], color="C0")
+            ax[0].annotate(r["label"], (xs[i], r[lf_key]), fontsize=8)
         for j, n in enumerate(names):
             if r.get(f"{n}_pixel_ap") is not None:
                 ax[1].scatter(xs[i], r[f"{n}_pixel_ap"], color=f"C{j + 1}", label=n if i == 0 else None)
                 ax[1].annotate(r["label"], (xs[i], r[f"{n}_pixel_ap"]), fontsize=8)
-    ax[0].set(xlabel="training seconds (2 threads, quiet)", ylabel=rows[0]["label_free_kind"], title="label-free")
+    ax[0].set(xlabel="training seconds (2 threads, quiet)", ylabel=lf_kind, title="label-free")
     ax[1].set(xlabel="training seconds", ylabel="test pixel AP", title="test (reported, not used to choose)")
     ax[1].legend(fontsize=8)
     fig.suptitle(a.family, fontsize=10)

@@ -6,6 +6,7 @@ import importlib.util
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,16 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     assert "other_pixel_ap" not in rows[1]
     md = out.with_suffix(".md").read_text()
     assert "| a | 12.000 | 40 | 0.500 |" in md and fig.stat().st_size > 0
+    # --validate-dir: every point also gets the synthetic validation AP (here from its cache)
+    for lab, v in (("a", 0.41), ("b", 0.22)):
+        (tmp_path / "val" / lab).mkdir(parents=True)
+        (tmp_path / "val" / lab / "synthetic_validation.json").write_text(json.dumps({"mean_pixel_ap": v}))
+    monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--figure", str(fig), "--tests", "in,other",
+                                      "--validate-dir", str(tmp_path / "val"),
+                                      f"a={mt}:{tmp_path / 'e1'}:{tmp_path / 'e2'}", f"b={mim}:{tmp_path / 'e3'}"])
+    mod.main()
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["synthetic_ap"] for r in rows] == [0.41, 0.22] and "synthetic_ap" in out.with_suffix(".md").read_text()
     capsys.readouterr()
     for bad, msg in [("nolabel", "expected LABEL=RUN_DIR"), (f"x={mt}", "expected LABEL=RUN_DIR"),
                      (f"x={tmp_path / 'nope'}:{tmp_path / 'e1'}", "not a finished run")]:
@@ -234,3 +245,47 @@ def test_mae_smoothing_selection_helpers() -> None:
     for bad in ("3,5", "1,2", "1,x", "0,1"):
         with pytest.raises(SystemExit):
             mod.parse_sizes(bad, p)
+
+
+def test_label_free_ranking_tables_from_cached_validations(tmp_path: Path) -> None:
+    """label_free_ranking.py: means over seeds per label, Spearman across labels (with and without the labels that
+    learn nothing) and the seed choice, from cached ``synthetic_validation.json`` files; a stale cache (other
+    settings) is not reused, and a folder without evaluated runs is one clear error."""
+    import json
+
+    from scipy.stats import spearmanr
+
+    mod = _load("label_free_ranking")
+    test_ap = {"a": [0.5, 0.6, 0.4], "b": [0.3, 0.2, 0.25], "c": [0.1, 0.1, 0.1], "intensity": [0.35] * 3}
+    lf = {"a": [0.40, 0.45, 0.30], "b": [0.20, 0.10, 0.15], "c": [0.05, 0.06, 0.04], "intensity": [0.07] * 3}
+    for label, aps in test_ap.items():
+        for k, ap in enumerate(aps):
+            run = tmp_path / "bench" / "runs" / f"seed-{k}" / label
+            run.mkdir(parents=True)
+            (run / "finished.json").write_text("{}")
+            ev = tmp_path / "bench" / "eval" / f"seed-{k}" / label
+            ev.mkdir(parents=True)
+            (ev / "metrics.json").write_text(json.dumps({"pixel_ap": ap}))
+            c = tmp_path / "bench" / "validate" / f"seed-{k}" / label
+            c.mkdir(parents=True)
+            (c / "synthetic_validation.json").write_text(json.dumps(
+                {"max_images": None, "draws": 1, "seed": 0, "unseen_pixel_ap": lf[label][k],
+                 "mean_pixel_ap": lf[label][k] + 0.01, "seconds": {"total": 1.0}}))
+    prefix = tmp_path / "res" / "lf"
+    mod.main([str(tmp_path / "bench"), str(prefix), "--title", "toy"])
+    rec = json.loads(prefix.with_suffix(".json").read_text())
+    table = {r["label"]: r for r in rec["table"]}
+    assert table["a"]["unseen_pixel_ap"] == pytest.approx(np.mean(lf["a"]))
+    assert table["a"]["test_pixel_ap"] == pytest.approx(0.5)
+    means = {lab: (np.mean(lf[lab]), np.mean(test_ap[lab])) for lab in test_ap}
+    rho_all = spearmanr([v[0] for v in means.values()], [v[1] for v in means.values()])[0]
+    assert rec["spearman_across_labels"]["unseen_pixel_ap"]["all"] == pytest.approx(rho_all)
+    assert rec["spearman_across_labels"]["unseen_pixel_ap"]["learned"] == pytest.approx(1.0)  # a > b > c
+    assert rec["seed_choice"]["a"]["unseen_pixel_ap"] == {"label_free_best_seed": 1, "test_best_seed": 1,
+                                                          "rho": pytest.approx(1.0)}
+    assert prefix.with_suffix(".png").stat().st_size > 0 and "| a | 3 |" in prefix.with_suffix(".md").read_text()
+    # a cache made with other settings is not reused: it would be recomputed (here: no real run, so it fails)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the fake run folder cannot be loaded
+        mod.main([str(tmp_path / "bench"), str(prefix), "--draws", "2", "--labels", "a"])
+    with pytest.raises(SystemExit, match="no finished, evaluated runs"):
+        mod.main([str(tmp_path / "empty"), str(prefix)])
