@@ -64,6 +64,8 @@ __all__ = [
     "TokenRestorationDetector",
     "augment_intensity",
     "train_tokenizer",
+    "tokenizer_check",
+    "balanced_l1",
     "encode_images",
     "train_mvtm",
     "train_token_classifier",
@@ -85,7 +87,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
         "num_embeddings": 256, "embedding_dim": 256, "channels": [64, 128, 256], "num_res_layers": 2,
         "commitment_cost": 0.25, "decay": 0.99,
     },
-    "tokenizer_train": dict(_TRAIN_DEFAULTS, steps=300000),
+    # loss "l1": mean |reconstruction - image| (the paper's); "l1-balanced": the foreground's and the background's
+    # mean L1 weigh half each, so a small foreground (zero-background 3D volumes) cannot be traded for a blank output
+    "tokenizer_train": dict(_TRAIN_DEFAULTS, steps=300000, loss="l1"),
     "augment": {"gamma": [0.6, 1.7], "contrast": [0.7, 1.3], "brightness": 0.1, "flip": True},
     "transformer": {"dim": 512, "depth": 12, "heads": 8, "mlp_ratio": 4.0, "drop_path": 0.1, "dropout": 0.0},
     "transformer_train": dict(_TRAIN_DEFAULTS, steps=200000),
@@ -112,7 +116,8 @@ COMMON_SCHEMA: dict[str, Any] = {
         "num_embeddings": Int(2, 65536), "embedding_dim": Int(1, MAX_WIDTH), "channels": ListOf(Int(1, MAX_WIDTH), 1, 8),
         "num_res_layers": Int(0, 16), "commitment_cost": Float(0, None), "decay": Float(0, 1, closed="left"),
     },
-    "tokenizer_train": pick(TRAIN_SPECS, COMMON_DEFAULTS["tokenizer_train"]),
+    "tokenizer_train": {**pick(TRAIN_SPECS, [k for k in COMMON_DEFAULTS["tokenizer_train"] if k != "loss"]),
+                        "loss": Options("l1", "l1-balanced")},
     "augment": {"gamma": ListOf(Float(0, None, closed="neither"), 2, 2), "contrast": ListOf(Float(0, None), 2, 2),
                 "brightness": Float(0, 1), "flip": Bool()},
     "transformer": {"dim": Int(1, MAX_WIDTH), "depth": Int(1, 128), "heads": Int(1, 256),
@@ -187,20 +192,29 @@ def _dev(model: nn.Module) -> torch.device:
 def train_tokenizer(tok: VQTokenizer, x: torch.Tensor, fg: torch.Tensor, xv: torch.Tensor | None, train: dict[str, Any],
                     aug: dict[str, Any], *, seed: int, device: str, amp: bool, run_dir: Path | None, quiet: bool,
                     resume: bool) -> list[dict[str, Any]]:
-    """Train the VQ-VAE with L1 + commitment loss on augmented images; validation: L1 on ``xv`` (healthy)."""
+    """Train the VQ-VAE with L1 (``train["loss"]``: plain or foreground-balanced) + commitment loss on augmented
+    images; validation: plain L1 on ``xv`` (healthy). Ends with :func:`tokenizer_check` (a record in the log, and a
+    warning when the tokenizer reconstructs no better than a blank image)."""
     lo, hi = float(x.min()), float(x.max())
     bs = int(train["batch_size"])
+    balanced = train.get("loss", "l1") == "l1-balanced"
 
-    def batch_fn(step: int) -> torch.Tensor:
+    def batch_fn(step: int) -> Any:
         rng = np.random.default_rng([seed, 1, step])
         idx = torch.from_numpy(rng.integers(0, len(x), bs))
-        return augment_intensity(x[idx], fg[idx], rng, aug, lo, hi)
+        imgs = augment_intensity(x[idx], fg[idx], rng, aug, lo, hi)
+        return {"image": imgs, "foreground": fg[idx]} if balanced else imgs
 
-    def loss_fn(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = batch.to(_dev(model))
+    def loss_fn(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        if balanced:
+            batch, f = batch["image"].to(_dev(model)), batch["foreground"].to(_dev(model))
+        else:
+            batch = batch.to(_dev(model))
         rec, qloss = model(batch)
-        l1 = (rec.float() - batch).abs().mean()
-        return l1 + qloss.float(), {"l1": float(l1.detach())}
+        err = (rec.float() - batch).abs()
+        l1 = err.mean()
+        rec_loss = balanced_l1(err, f) if balanced else l1
+        return rec_loss + qloss.float(), {"l1": float(l1.detach())}
 
     val_fn = None
     if xv is not None:
@@ -213,7 +227,51 @@ def train_tokenizer(tok: VQTokenizer, x: torch.Tensor, fg: torch.Tensor, xv: tor
 
     res = train_model(tok, loss_fn, batch_fn, _cfg(train, seed, device, amp, quiet, "tokenizer"), run_dir=run_dir,
                       val_fn=val_fn, name="tokenizer", resume=resume)
-    return [dict(r, stage="tokenizer") for r in res.history]
+    check = tokenizer_check(tok, xv if xv is not None else x, batch_size=bs)
+    return [dict(r, stage="tokenizer") for r in res.history] + [check]
+
+
+def balanced_l1(err: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """Half the mean of ``err`` (B, C, *S) over the foreground (B, 1, *S) plus half its mean over the background
+    (a part without voxels adds 0, the other part then weighs half)."""
+    f = fg.to(err.dtype).expand_as(err)
+    n_fg, n_bg = f.sum(), (1 - f).sum()
+    part_fg = (err * f).sum() / n_fg.clamp_min(1)
+    part_bg = (err * (1 - f)).sum() / n_bg.clamp_min(1)
+    return 0.5 * part_fg + 0.5 * part_bg
+
+
+#: a tokenizer whose reconstruction L1 is above this fraction of a blank image's L1 counts as collapsed
+COLLAPSE_RATIO = 0.8
+
+
+@torch.no_grad()
+def tokenizer_check(tok: VQTokenizer, x: torch.Tensor, batch_size: int = 16, max_images: int = 64) -> dict[str, Any]:
+    """Reconstruction L1 of up to ``max_images`` healthy images against a blank (all-zero) output's L1.
+
+    A ratio near 1 means the VQ-VAE learnt to output (nearly) nothing, so every restoration map is the image itself
+    whatever the transformers do; that is warned about (:data:`COLLAPSE_RATIO`)."""
+    import warnings
+
+    was = tok.training
+    tok.eval()
+    xs = x[:max_images]
+    dev = _dev(tok)
+    l1, blank = 0.0, 0.0
+    for i in range(0, len(xs), batch_size):
+        b = xs[i : i + batch_size].to(dev).float()
+        rec = tok(b)[0].float()
+        l1 += float((rec - b).abs().sum())
+        blank += float(b.abs().sum())
+    tok.train(was)
+    ratio = l1 / blank if blank > 0 else float("nan")
+    collapsed = bool(ratio > COLLAPSE_RATIO)
+    if collapsed:
+        warnings.warn(f"the VQ-VAE tokenizer reconstructs its healthy images no better than a blank image (L1 "
+                      f"{ratio:.2f} x a blank output's): its restorations carry no anatomy and the anomaly map is the "
+                      "image itself; train longer or set tokenizer_train.loss=l1-balanced", stacklevel=2)
+    return {"stage": "tokenizer_check", "l1": l1 / max(xs.numel(), 1), "blank_l1": blank / max(xs.numel(), 1),
+            "ratio": ratio, "collapsed": collapsed}
 
 
 @torch.no_grad()
