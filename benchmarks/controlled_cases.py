@@ -195,15 +195,17 @@ def patch_groups(healthy: dict[str, np.ndarray], tumour: dict[str, np.ndarray], 
 _DATA_CACHE: dict[str, Any] = {}
 
 
-def open_run_split(cfg: dict[str, Any], split: str, normal_only: bool) -> Any:
-    """The run's data split, preprocessed as the run's training data were (as ``medanomaly evaluate`` opens it)."""
+def open_run_split(cfg: dict[str, Any], split: str, normal_only: bool, data: str | None = None) -> Any:
+    """A split of the run's data (or of ``data``, another dataset spec), preprocessed as the run's training data
+    were (as ``medanomaly evaluate`` opens it)."""
     from medanomaly.app.datasets import open_dataset
 
     rd = cfg.get("data") or {}
-    key = json.dumps([rd.get("name"), split, normal_only, rd.get("preset"), rd.get("size"), rd.get("preset_config")],
+    name = data or rd["name"]
+    key = json.dumps([name, split, normal_only, rd.get("preset"), rd.get("size"), rd.get("preset_config")],
                      sort_keys=True, default=str)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = open_dataset(rd["name"], split, normal_only=normal_only, preset=rd.get("preset"),
+        _DATA_CACHE[key] = open_dataset(name, split, normal_only=normal_only, preset=rd.get("preset"),
                                         size=rd.get("size"), preset_config=rd.get("preset_config"))
     return _DATA_CACHE[key]
 
@@ -223,11 +225,13 @@ def stack_slices(ds: Any, idx: list[int]) -> dict[str, torch.Tensor]:
 Slices = dict[str, torch.Tensor]
 
 
-def pick_slices(cfg: dict[str, Any], n: int, seed: int) -> tuple[Slices, Slices, dict[str, Any]]:
+def pick_slices(cfg: dict[str, Any], n: int, seed: int,
+                test_data: str | None = None) -> tuple[Slices, Slices, dict[str, Any]]:
     """(healthy val slices, tumour test slices, record): ``n`` of each at random (seeded); a test slice is a tumour
-    slice when its label is 1 and its mask has a foreground pixel (the label is used for this report only)."""
+    slice when its label is 1 and its mask has a foreground pixel (the label is used for this report only). The
+    tumour slices come from the run's own data, or from ``test_data`` (a dataset spec: a domain-shift test)."""
     val = open_run_split(cfg, "val", True)
-    test = open_run_split(cfg, "test", False)
+    test = open_run_split(cfg, "test", False, test_data)
     rng = np.random.default_rng([seed, 14])
     hv = sorted(rng.choice(len(val), size=min(n, len(val)), replace=False).tolist())
     tumour = [i for i in range(len(test))
@@ -235,7 +239,8 @@ def pick_slices(cfg: dict[str, Any], n: int, seed: int) -> tuple[Slices, Slices,
                                                       & np.asarray(test[i]["foreground"]).astype(bool)).any())]
     tv = sorted(rng.choice(tumour, size=min(n, len(tumour)), replace=False).tolist())
     h, t = stack_slices(val, hv), stack_slices(test, tv)
-    rec = {"val_slices": len(val), "test_tumour_slices": len(tumour), "n_healthy": len(hv), "n_tumour": len(tv),
+    rec = {"test_data": test_data or (cfg.get("data") or {}).get("name"), "val_slices": len(val),
+           "test_tumour_slices": len(tumour), "n_healthy": len(hv), "n_tumour": len(tv),
            "fg_fraction_healthy": float(h["fg"].float().mean()), "fg_fraction_tumour": float(t["fg"].float().mean()),
            "tumour_fraction_of_fg": float((t["mask"] & t["fg"]).sum() / t["fg"].sum())}
     return h, t, rec
@@ -298,7 +303,7 @@ def restoration_maps(det: Any, x: torch.Tensor, fg: torch.Tensor, threshold: flo
 
 
 @torch.no_grad()
-def mim_checks(run: str, n: int, seed: int, draws: int) -> dict[str, Any]:
+def mim_checks(run: str, n: int, seed: int, draws: int, test_data: str | None = None) -> dict[str, Any]:
     """Checks 1, 2 and 4 for one mim-ood run (see the module docstring)."""
     from medanomaly.app.predict import load_run
     from medanomaly.methods.base import RunContext
@@ -310,7 +315,7 @@ def mim_checks(run: str, n: int, seed: int, draws: int) -> dict[str, Any]:
     if cfg["method"] != "mim-ood":
         raise SystemExit(f"{run}: --mim needs a mim-ood run, this is {cfg['method']}")
     det.set_context(RunContext(quiet=True))
-    healthy, tumour, rec = pick_slices(cfg, n, seed)
+    healthy, tumour, rec = pick_slices(cfg, n, seed, test_data)
     tok, p = det.tokenizer, det.params
     f, tshape = tok.factor, det.token_shape
     nt = int(np.prod(tshape))
@@ -534,7 +539,7 @@ def codebook_redundancy(det: Any, tol: float = 0.01) -> dict[str, float]:
 
 # -- MAE family ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def mae_checks(run: str, n: int, seed: int) -> dict[str, Any]:
+def mae_checks(run: str, n: int, seed: int, test_data: str | None = None) -> dict[str, Any]:
     """Check 3 for one mae / mae-pseudo run (see the module docstring)."""
     from medanomaly.app.predict import load_run
     from medanomaly.methods.base import RunContext
@@ -544,7 +549,7 @@ def mae_checks(run: str, n: int, seed: int) -> dict[str, Any]:
     if cfg["method"] not in ("mae", "mae-pseudo", "amae"):
         raise SystemExit(f"{run}: --mae needs an MAE-family run, this is {cfg['method']}")
     det.set_context(RunContext(quiet=True))
-    healthy, tumour, rec = pick_slices(cfg, n, seed)
+    healthy, tumour, rec = pick_slices(cfg, n, seed, test_data)
     key = "score" if "score" in det.params else "recon"
     rp = det.params.get(key) or det.params["score"]
     patch = det.mae.patch_size[0]
@@ -737,6 +742,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--draws", type=int, default=4, help="corruptions per healthy slice (default 4)")
     ap.add_argument("--seed", type=int, default=0, help="slice choice, corruptions, random floors (default 0)")
     ap.add_argument("--out", default="out/controlled_cases", help="output folder (default out/controlled_cases)")
+    ap.add_argument("--test-data", default=None, metavar="SPEC",
+                    help="take the tumour slices from this dataset spec (e.g. brats2018-3d:modality=t1,view=slices,"
+                         "foreground=brain for runs trained on IXI T1); default: the run's own data")
     args = ap.parse_args(argv)
     if not args.mim and not args.mae:
         ap.error("give --mim and/or --mae run folders")
@@ -747,13 +755,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(resolve_threads("auto"))
     t0 = time.perf_counter()
     res: dict[str, Any] = {"command": {"mim": args.mim, "mae": args.mae, "n": args.n, "draws": args.draws,
-                                       "seed": args.seed},
+                                       "seed": args.seed, "test_data": args.test_data},
                            "threads": torch.get_num_threads(), "mim": [], "mae": []}
     for run in args.mim:
-        res["mim"].append(mim_checks(run, args.n, args.seed, args.draws))
+        res["mim"].append(mim_checks(run, args.n, args.seed, args.draws, args.test_data))
         print(f"{run}: {res['mim'][-1]['seconds']:.0f} s", flush=True)
     for run in args.mae:
-        res["mae"].append(mae_checks(run, args.n, args.seed))
+        res["mae"].append(mae_checks(run, args.n, args.seed, args.test_data))
         print(f"{run}: {res['mae'][-1]['seconds']:.0f} s", flush=True)
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)

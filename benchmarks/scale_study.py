@@ -12,8 +12,11 @@ With ``--validate-dir DIR``, every point also gets ``synthetic_ap``: :func:`meda
 (synthetic anomalies in the run's own healthy validation images, all default tasks; cached in ``DIR/<label>``), a
 label-free score comparable across methods and budgets; the figure's label-free panel then shows it.
 
-Training compute is the run's recorded training seconds (``config.yaml``: ``train.seconds``) and, for multitask,
-the optimiser steps done by its members. Usage::
+Training compute is the run's ``budget``: its configured optimiser steps (every ``train``/``pretrain``/``*_train``
+section's ``steps``, summed) over the same sum for the method's ``cpu-small`` config set, so 4x means four times the
+``cpu-small`` steps whatever the thread count or machine load; the figure's x axis. The table also has the recorded
+training seconds (``config.yaml``: ``train.seconds``, comparable only between runs made under the same load) and,
+for multitask, the optimiser steps done by its members (early stopping ends members before their budget). Usage::
 
     python benchmarks/scale_study.py docs/results/scale_study --family multitask \\
         1x=out/lgg64_seeds/runs/seed-0/multitask:out/lgg64_seeds/eval/seed-0/multitask:... \\
@@ -49,6 +52,25 @@ def _label_free(run: Path) -> dict[str, Any]:
     return {"label_free": None, "label_free_kind": "best validation loss per trained module", "members": best}
 
 
+def _configured_steps(params: dict[str, Any]) -> int:
+    """Sum of the optimiser steps configured in every training section of a method's parameters."""
+    return sum(int(v["steps"]) for k, v in params.items()
+               if (k in ("train", "pretrain") or k.endswith("_train")) and isinstance(v, dict) and "steps" in v)
+
+
+def _budget(cfg: dict[str, Any]) -> float | None:
+    """Configured steps of a run relative to its method's ``cpu-small`` config set (None when not comparable)."""
+    from medanomaly.methods import get_method, get_method_class
+
+    if not cfg.get("method"):
+        return None
+    cls = get_method_class(cfg["method"])
+    if "cpu-small" not in cls.config_sets():
+        return None
+    ref = _configured_steps(get_method(cfg["method"], **cls.config_set("cpu-small")).params)
+    return _configured_steps(cfg.get("params") or {}) / ref if ref else None
+
+
 def _synthetic_ap(run: Path, cache: Path) -> float:
     """``mean_pixel_ap`` of :func:`~medanomaly.app.validate.validate_run` (default tasks, seed 0), cached."""
     from medanomaly.app.validate import validate_run
@@ -56,6 +78,10 @@ def _synthetic_ap(run: Path, cache: Path) -> float:
     f = cache / "synthetic_validation.json"
     rec = json.loads(f.read_text()) if f.is_file() else validate_run(run, cache, force=True, quiet=True)
     return float(rec["mean_pixel_ap"])
+
+
+def _fmt_budget(b: float | None) -> str:
+    return "" if b is None else f"{b:g}x"
 
 
 def main() -> None:
@@ -79,10 +105,13 @@ def main() -> None:
         if missing:
             p.error(f"point {label!r}: not a finished run / evaluation: {', '.join(map(str, missing))} missing")
         cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
-        row: dict[str, Any] = {"label": label, "run": run, "train_seconds": (cfg.get("train") or {}).get("seconds"),
-                               **_label_free(Path(run))}
+        row: dict[str, Any] = {"label": label, "run": run, "budget": _budget(cfg),
+                               "train_seconds": (cfg.get("train") or {}).get("seconds"), **_label_free(Path(run))}
         if a.validate_dir:
-            row["synthetic_ap"] = _synthetic_ap(Path(run), Path(a.validate_dir) / label)
+            try:
+                row["synthetic_ap"] = _synthetic_ap(Path(run), Path(a.validate_dir) / label)
+            except (OSError, ValueError, KeyError) as e:
+                p.error(f"point {label!r}: medanomaly validate failed on {run}: {e}")
         for name, ev in zip(names, evals, strict=False):
             m = json.loads((Path(ev) / "metrics.json").read_text())
             for k in ("pixel_ap", "best_dice", "calibrated_dice", "sample_auroc"):
@@ -90,15 +119,17 @@ def main() -> None:
         rows.append(row)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["label", "train_seconds", "steps", "label_free", "members", "synthetic_ap"] + [
+    keys = ["label", "budget", "train_seconds", "steps", "label_free", "members", "synthetic_ap"] + [
         f"{n}_{k}" for n in names for k in ("pixel_ap", "best_dice", "calibrated_dice", "sample_auroc")]
     keys = [k for k in keys if any(k in r for r in rows)]
 
-    def fmt(v: Any) -> str:
+    def fmt(v: Any, k: str = "") -> str:
+        if k == "budget":
+            return _fmt_budget(v)
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
     lines = [f"# Scale study: {a.family}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(k), k) for k in keys) + " |" for r in rows]
     lines += ["", "Runs: " + "; ".join(f"{r['label']}: `{r['run']}`" for r in rows), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1, default=str))
@@ -109,7 +140,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    xs = [r["train_seconds"] or 0 for r in rows]
+    xs = [r["budget"] if r["budget"] is not None else 1.0 for r in rows]
     lf_key = "synthetic_ap" if a.validate_dir else "label_free"
     lf_kind = "synthetic val pixel AP (medanomaly validate)" if a.validate_dir else rows[0]["label_free_kind"]
     for i, r in enumerate(rows):
@@ -120,8 +151,12 @@ def main() -> None:
             if r.get(f"{n}_pixel_ap") is not None:
                 ax[1].scatter(xs[i], r[f"{n}_pixel_ap"], color=f"C{j + 1}", label=n if i == 0 else None)
                 ax[1].annotate(r["label"], (xs[i], r[f"{n}_pixel_ap"]), fontsize=8)
-    ax[0].set(xlabel="training seconds (2 threads, quiet)", ylabel=lf_kind, title="label-free")
-    ax[1].set(xlabel="training seconds", ylabel="test pixel AP", title="test (reported, not used to choose)")
+    xlabel = "optimiser steps (x cpu-small)"
+    ax[0].set(xlabel=xlabel, ylabel=lf_kind, title="label-free", xscale="log")
+    ax[1].set(xlabel=xlabel, ylabel="test pixel AP", title="test (reported, not used to choose)", xscale="log")
+    for axis in ax:
+        axis.set_xticks(sorted(set(xs)), [_fmt_budget(x) for x in sorted(set(xs))])
+        axis.minorticks_off()
     ax[1].legend(fontsize=8)
     fig.suptitle(a.family, fontsize=10)
     fig.tight_layout()

@@ -105,10 +105,12 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
 
     mod = _load("scale_study")
 
-    def run(name: str, state: dict, log: list[dict], seconds: float) -> Path:
+    def run(name: str, state: dict, log: list[dict], seconds: float, method: str | None = None,
+            params: dict | None = None) -> Path:
         d = tmp_path / name
         d.mkdir()
-        (d / "config.yaml").write_text(yaml.safe_dump({"train": {"seconds": seconds}}))
+        cfg = {"train": {"seconds": seconds}, **({"method": method, "params": params} if method else {})}
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         (d / "state.json").write_text(json.dumps(state))
         (d / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         return d
@@ -122,8 +124,10 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
 
     mt = run("mt", {"members": [{"synthetic_val_ap": 0.4, "steps_done": 10}, {"synthetic_val_ap": 0.6,
                                                                              "steps_done": 30}]}, [], 12.0)
+    # budget: configured steps over the method's cpu-small ones (mim-ood cpu-small: tokenizer 2000 + transformers 1500)
     mim = run("mim", {}, [{"stage": "tokenizer", "best_val": 0.5}, {"stage": "tokenizer", "best_val": 0.25},
-                          {"stage": "mvtm", "best_val": 3.0}], 20.0)
+                          {"stage": "mvtm", "best_val": 3.0}], 20.0, "mim-ood",
+              {"tokenizer_train": {"steps": 8000}, "transformer_train": {"steps": 6000}, "tokenizer": {"steps": 9}})
     out = tmp_path / "res" / "scale"
     fig = tmp_path / "fig.png"
     monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--figure", str(fig), "--tests", "in,other",
@@ -134,8 +138,9 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     assert rows[0]["in_pixel_ap"] == 0.3 and rows[0]["other_pixel_ap"] == 0.7 and rows[0]["train_seconds"] == 12.0
     assert rows[1]["label_free"] is None and rows[1]["members"] == {"tokenizer": 0.25, "mvtm": 3.0}
     assert "other_pixel_ap" not in rows[1]
+    assert rows[0]["budget"] is None and rows[1]["budget"] == pytest.approx(4.0)
     md = out.with_suffix(".md").read_text()
-    assert "| a | 12.000 | 40 | 0.500 |" in md and fig.stat().st_size > 0
+    assert "| a |  | 12.000 | 40 | 0.500 |" in md and "| b | 4x | 20.000 |" in md and fig.stat().st_size > 0
     # --validate-dir: every point also gets the synthetic validation AP (here from its cache)
     for lab, v in (("a", 0.41), ("b", 0.22)):
         (tmp_path / "val" / lab).mkdir(parents=True)
@@ -147,6 +152,12 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [r["synthetic_ap"] for r in rows] == [0.41, 0.22] and "synthetic_ap" in out.with_suffix(".md").read_text()
     capsys.readouterr()
+    # a point whose run cannot be validated (no recorded data) is one clear error, not a traceback
+    monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--validate-dir", str(tmp_path / "val2"),
+                                      f"b={mim}:{tmp_path / 'e3'}"])
+    with pytest.raises(SystemExit):
+        mod.main()
+    assert "point 'b': medanomaly validate failed" in capsys.readouterr().err
     for bad, msg in [("nolabel", "expected LABEL=RUN_DIR"), (f"x={mt}", "expected LABEL=RUN_DIR"),
                      (f"x={tmp_path / 'nope'}:{tmp_path / 'e1'}", "not a finished run")]:
         monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), bad])

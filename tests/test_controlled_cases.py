@@ -186,8 +186,8 @@ def test_whole_script_on_tiny_models(tiny_dets: dict[str, Any], tmp_path: Path, 
     import medanomaly.app.predict as predict_mod
 
     monkeypatch.setattr(predict_mod, "load_run", lambda run: (tiny_dets[run], {"method": run, "data": {}}))
-    monkeypatch.setattr(cc, "pick_slices", lambda cfg, n, seed: (_slices(n, False, seed), _slices(n, True, seed + 1),
-                                                                 {"n_healthy": n, "n_tumour": n}))
+    monkeypatch.setattr(cc, "pick_slices", lambda cfg, n, seed, test_data=None: (
+        _slices(n, False, seed), _slices(n, True, seed + 1), {"n_healthy": n, "n_tumour": n}))
     res = cc.main(["--mim", "mim-ood", "--mae", "mae", "--n", "6", "--draws", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "controlled_cases.json").read_text())
     assert saved["command"]["n"] == 6 and len(saved["mim"]) == 1 and len(saved["mae"]) == 1
@@ -224,3 +224,24 @@ def test_codebook_redundancy_finds_duplicate_codes(tiny_dets: dict[str, Any]) ->
         dup = cc.codebook_redundancy(det)
     assert base["codes_within_0.01"] < dup["codes_within_0.01"]
     assert dup["codes_within_0.01"] >= 2 / 16
+
+
+def test_pick_slices_takes_tumours_from_another_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--test-data: healthy slices from the run's own val split, tumour slices from the given dataset spec (the
+    domain-shift test of a T1 run); healthy slices never come from it, and it is recorded."""
+    calls: list[tuple[str, bool, str | None]] = []
+
+    def fake(cfg: dict, split: str, normal_only: bool, data: str | None = None) -> list[dict]:
+        calls.append((split, normal_only, data))
+        rng = np.random.default_rng(len(calls))
+        tumour = split == "test"
+        return [{"image": rng.random((1, 8, 8), dtype=np.float32), "foreground": np.ones((1, 8, 8), bool),
+                 "mask": np.full((1, 8, 8), tumour), "label": int(tumour)} for _ in range(5)]
+
+    monkeypatch.setattr(cc, "open_run_split", fake)
+    h, t, rec = cc.pick_slices({"data": {"name": "ixi"}}, 3, 0, "brats:modality=t1")
+    assert calls == [("val", True, None), ("test", False, "brats:modality=t1")]
+    assert not h["mask"].any() and t["mask"].all() and rec["test_data"] == "brats:modality=t1"
+    calls.clear()
+    assert cc.pick_slices({"data": {"name": "ixi"}}, 3, 0)[2]["test_data"] == "ixi"
+    assert calls[1] == ("test", False, None)
