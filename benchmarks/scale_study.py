@@ -91,9 +91,21 @@ def main() -> None:
     p.add_argument("--family", default="")
     p.add_argument("--tests", default="test,other", help="names of the two test sets, comma-separated")
     p.add_argument("--figure", default=None, help="figure path (default: OUT.png)")
+    p.add_argument("--reference", default=None, metavar="TEST=AP,...",
+                   help="a reference pixel AP per test set (e.g. plain intensity's), drawn as a dashed line")
+    p.add_argument("--reference-name", default="intensity", help="what the reference is (default: intensity)")
     p.add_argument("--validate-dir", default=None, help="also score every run with `medanomaly validate` (cached here)")
     a = p.parse_args()
     names = a.tests.split(",")
+    refs: dict[str, float] = {}
+    for item in (a.reference.split(",") if a.reference else []):
+        name, eq, val = item.partition("=")
+        try:
+            refs[name] = float(val)
+        except ValueError:
+            p.error(f"--reference {item!r}: expected TEST=AP")
+        if not eq or name not in names:
+            p.error(f"--reference {item!r}: expected TEST=AP with TEST among --tests {names}")
     rows = []
     for spec in a.points:
         label, eq, rest = spec.partition("=")
@@ -131,6 +143,8 @@ def main() -> None:
     lines = [f"# Scale study: {a.family}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k), k) for k in keys) + " |" for r in rows]
     lines += ["", "Runs: " + "; ".join(f"{r['label']}: `{r['run']}`" for r in rows), ""]
+    if refs:
+        lines += [f"Reference ({a.reference_name}) pixel AP: " + ", ".join(f"{k} {v:.3f}" for k, v in refs.items()), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1, default=str))
 
@@ -157,6 +171,9 @@ def main() -> None:
     for axis in ax:
         axis.set_xticks(sorted(set(xs)), [_fmt_budget(x) for x in sorted(set(xs))])
         axis.minorticks_off()
+    for j, n in enumerate(names):
+        if n in refs:
+            ax[1].axhline(refs[n], color=f"C{j + 1}", ls="--", lw=1, label=f"{n}: {a.reference_name}")
     ax[1].legend(fontsize=8)
     fig.suptitle(a.family, fontsize=10)
     fig.tight_layout()

@@ -146,11 +146,12 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
         (tmp_path / "val" / lab).mkdir(parents=True)
         (tmp_path / "val" / lab / "synthetic_validation.json").write_text(json.dumps({"mean_pixel_ap": v}))
     monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--figure", str(fig), "--tests", "in,other",
-                                      "--validate-dir", str(tmp_path / "val"),
+                                      "--validate-dir", str(tmp_path / "val"), "--reference", "in=0.35",
                                       f"a={mt}:{tmp_path / 'e1'}:{tmp_path / 'e2'}", f"b={mim}:{tmp_path / 'e3'}"])
     mod.main()
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [r["synthetic_ap"] for r in rows] == [0.41, 0.22] and "synthetic_ap" in out.with_suffix(".md").read_text()
+    assert "Reference (intensity) pixel AP: in 0.350" in out.with_suffix(".md").read_text()
     capsys.readouterr()
     # a point whose run cannot be validated (no recorded data) is one clear error, not a traceback
     monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--validate-dir", str(tmp_path / "val2"),
@@ -158,6 +159,12 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     with pytest.raises(SystemExit):
         mod.main()
     assert "point 'b': medanomaly validate failed" in capsys.readouterr().err
+    for ref in ("nope=0.3", "in=x"):
+        monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--tests", "in,other", "--reference", ref,
+                                          f"b={mim}:{tmp_path / 'e3'}"])
+        with pytest.raises(SystemExit):
+            mod.main()
+        assert "expected TEST=AP" in capsys.readouterr().err
     for bad, msg in [("nolabel", "expected LABEL=RUN_DIR"), (f"x={mt}", "expected LABEL=RUN_DIR"),
                      (f"x={tmp_path / 'nope'}:{tmp_path / 'e1'}", "not a finished run")]:
         monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), bad])
