@@ -757,12 +757,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"command": {"mim": args.mim, "mae": args.mae, "n": args.n, "draws": args.draws,
                                        "seed": args.seed, "test_data": args.test_data},
                            "threads": torch.get_num_threads(), "mim": [], "mae": []}
-    for run in args.mim:
-        res["mim"].append(mim_checks(run, args.n, args.seed, args.draws, args.test_data))
-        print(f"{run}: {res['mim'][-1]['seconds']:.0f} s", flush=True)
-    for run in args.mae:
-        res["mae"].append(mae_checks(run, args.n, args.seed, args.test_data))
-        print(f"{run}: {res['mae'][-1]['seconds']:.0f} s", flush=True)
+    jobs = [("mim", run, lambda r: mim_checks(r, args.n, args.seed, args.draws, args.test_data)) for run in args.mim]
+    jobs += [("mae", run, lambda r: mae_checks(r, args.n, args.seed, args.test_data)) for run in args.mae]
+    for kind, run, check in jobs:
+        try:
+            res[kind].append(check(run))
+        except (OSError, ValueError, KeyError) as e:  # unreadable run, unknown --test-data spec, ...
+            ap.error(f"{run}: {e}")
+        print(f"{run}: {res[kind][-1]['seconds']:.0f} s", flush=True)
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

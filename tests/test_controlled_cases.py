@@ -245,3 +245,28 @@ def test_pick_slices_takes_tumours_from_another_dataset(monkeypatch: pytest.Monk
     calls.clear()
     assert cc.pick_slices({"data": {"name": "ixi"}}, 3, 0)[2]["test_data"] == "ixi"
     assert calls[1] == ("test", False, None)
+
+
+def test_cli_passes_test_data_and_bad_spec_is_one_error(tiny_dets: dict[str, Any], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--test-data reaches the slice picker of every run; a spec that does not load is one argparse error naming
+    the run, not a traceback."""
+    import medanomaly.app.predict as predict_mod
+
+    monkeypatch.setattr(predict_mod, "load_run", lambda run: (tiny_dets[run], {"method": run, "data": {}}))
+    seen: list[str | None] = []
+
+    def pick(cfg: dict, n: int, seed: int, test_data: str | None = None) -> tuple:
+        seen.append(test_data)
+        if test_data == "bad-spec":
+            raise ValueError("unknown dataset 'bad-spec'")
+        return _slices(n, False, seed), _slices(n, True, seed + 1), {"n_healthy": n, "n_tumour": n}
+
+    monkeypatch.setattr(cc, "pick_slices", pick)
+    res = cc.main(["--mae", "mae", "--n", "4", "--test-data", "other:modality=t1", "--out", str(tmp_path)])
+    assert seen == ["other:modality=t1"] and res["command"]["test_data"] == "other:modality=t1"
+    with pytest.raises(SystemExit):
+        cc.main(["--mae", "mae", "--n", "4", "--test-data", "bad-spec", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert "mae: unknown dataset 'bad-spec'" in err and "Traceback" not in err
