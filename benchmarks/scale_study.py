@@ -22,6 +22,10 @@ for multitask, the optimiser steps done by its members (early stopping ends memb
         1x=out/lgg64_seeds/runs/seed-0/multitask:out/lgg64_seeds/eval/seed-0/multitask:... \\
         steps4x=out/scale/mt_steps4x:out/scale/eval_lgg_mt_steps4x:out/scale/eval_brats_mt_steps4x
 
+Seeds of one setting are points whose labels differ only by a ``-sK`` suffix (``steps16x``, ``steps16x-s1``,
+``steps16x-s2``); every setting with two or more seeds also gets a row of mean ± std (sample std) in a second table,
+``OUT.json``'s ``seed_groups``, and a black error bar in the figure.
+
 Writes ``OUT.md`` (a table), ``OUT.json`` and ``OUT.png`` (or ``--figure``: label-free score and test pixel AP
 against training seconds).
 """
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +88,29 @@ def _synthetic_ap(run: Path, cache: Path) -> float:
 
 def _fmt_budget(b: float | None) -> str:
     return "" if b is None else f"{b:g}x"
+
+
+def _setting(label: str) -> str:
+    """The setting a point belongs to: its label without a trailing seed suffix ``-sK``."""
+    return re.sub(r"-s\d+$", "", label)
+
+
+def seed_groups(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Mean, sample std and count of every numeric ``keys`` column over the seeds of each setting with >= 2 seeds."""
+    settings: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        settings.setdefault(_setting(r["label"]), []).append(r)
+    out = []
+    for name, rs in settings.items():
+        if len(rs) < 2:
+            continue
+        g: dict[str, Any] = {"setting": name, "seeds": [r["label"] for r in rs], "budget": rs[0].get("budget")}
+        for k in keys:
+            vals = [float(r[k]) for r in rs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+            if len(vals) == len(rs):
+                g[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals), "n": len(vals)}
+        out.append(g)
+    return out
 
 
 def main() -> None:
@@ -142,11 +171,20 @@ def main() -> None:
 
     lines = [f"# Scale study: {a.family}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k), k) for k in keys) + " |" for r in rows]
+    stat_keys = [k for k in keys if k == "synthetic_ap" or k == "label_free" or k.endswith(
+        ("_pixel_ap", "_best_dice", "_calibrated_dice", "_sample_auroc"))]
+    groups = seed_groups(rows, stat_keys)
+    if groups:
+        gkeys = [k for k in stat_keys if any(k in g for g in groups)]
+        lines += ["", "Mean ± std over seeds (settings with two or more seeds):", "",
+                  "| setting | budget | seeds | " + " | ".join(gkeys) + " |", "|" + "---|" * (len(gkeys) + 3)]
+        lines += [f"| {g['setting']} | {_fmt_budget(g['budget'])} | {len(g['seeds'])} | " + " | ".join(
+            f"{g[k]['mean']:.3f} ± {g[k]['std']:.3f}" if k in g else "" for k in gkeys) + " |" for g in groups]
     lines += ["", "Runs: " + "; ".join(f"{r['label']}: `{r['run']}`" for r in rows), ""]
     if refs:
         lines += [f"Reference ({a.reference_name}) pixel AP: " + ", ".join(f"{k} {v:.3f}" for k, v in refs.items()), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
-    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1, default=str))
+    (out.with_suffix(".json")).write_text(json.dumps({"points": rows, "seed_groups": groups}, indent=1, default=str))
 
     import matplotlib
 
@@ -171,6 +209,11 @@ def main() -> None:
     for axis in ax:
         axis.set_xticks(sorted(set(xs)), [_fmt_budget(x) for x in sorted(set(xs))])
         axis.minorticks_off()
+    for g in groups:
+        x = g["budget"] if g["budget"] is not None else 1.0
+        for axis, k in [(ax[0], lf_key)] + [(ax[1], f"{n}_pixel_ap") for n in names]:
+            if k in g:
+                axis.errorbar(x, g[k]["mean"], yerr=g[k]["std"], fmt="_", color="k", capsize=4, ms=12, zorder=3)
     for j, n in enumerate(names):
         if n in refs:
             ax[1].axhline(refs[n], color=f"C{j + 1}", ls="--", lw=1, label=f"{n}: {a.reference_name}")

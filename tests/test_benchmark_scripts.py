@@ -133,7 +133,7 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--figure", str(fig), "--tests", "in,other",
                                       f"a={mt}:{ev('e1', 0.3)}:{ev('e2', 0.7)}", f"b={mim}:{ev('e3', 0.2)}"])
     mod.main()
-    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = json.loads(out.with_suffix(".json").read_text())["points"]
     assert rows[0]["label_free"] == pytest.approx(0.5) and rows[0]["steps"] == 40
     assert rows[0]["in_pixel_ap"] == 0.3 and rows[0]["other_pixel_ap"] == 0.7 and rows[0]["train_seconds"] == 12.0
     assert rows[1]["label_free"] is None and rows[1]["members"] == {"tokenizer": 0.25, "mvtm": 3.0}
@@ -149,9 +149,24 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
                                       "--validate-dir", str(tmp_path / "val"), "--reference", "in=0.35",
                                       f"a={mt}:{tmp_path / 'e1'}:{tmp_path / 'e2'}", f"b={mim}:{tmp_path / 'e3'}"])
     mod.main()
-    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = json.loads(out.with_suffix(".json").read_text())["points"]
     assert [r["synthetic_ap"] for r in rows] == [0.41, 0.22] and "synthetic_ap" in out.with_suffix(".md").read_text()
     assert "Reference (intensity) pixel AP: in 0.350" in out.with_suffix(".md").read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["seed_groups"] == []  # one seed per setting: no group
+    # two seeds of one setting (labels b and b-s1): a mean ± std row with the sample std, the other setting left out
+    mim1 = run("mim1", {}, [], 30.0, "mim-ood", {"tokenizer_train": {"steps": 8000}, "transformer_train": {"steps": 6000}})
+    (tmp_path / "val" / "b-s1").mkdir(parents=True)
+    (tmp_path / "val" / "b-s1" / "synthetic_validation.json").write_text(json.dumps({"mean_pixel_ap": 0.26}))
+    monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--figure", str(fig), "--tests", "in,other",
+                                      "--validate-dir", str(tmp_path / "val"), f"a={mt}:{tmp_path / 'e1'}",
+                                      f"b={mim}:{tmp_path / 'e3'}", f"b-s1={mim1}:{ev('e4', 0.4)}"])
+    mod.main()
+    groups = json.loads(out.with_suffix(".json").read_text())["seed_groups"]
+    assert [g["setting"] for g in groups] == ["b"] and groups[0]["seeds"] == ["b", "b-s1"]
+    assert groups[0]["in_pixel_ap"]["mean"] == pytest.approx(0.3) and groups[0]["in_pixel_ap"]["n"] == 2
+    assert groups[0]["in_pixel_ap"]["std"] == pytest.approx(0.1 * 2 ** 0.5)  # sample std of 0.2 and 0.4
+    assert groups[0]["synthetic_ap"]["mean"] == pytest.approx(0.24) and "other_pixel_ap" not in groups[0]
+    assert "| b | 4x | 2 | 0.240 ± 0.028 | 0.300 ± 0.141 |" in out.with_suffix(".md").read_text()
     capsys.readouterr()
     # a point whose run cannot be validated (no recorded data) is one clear error, not a traceback
     monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--validate-dir", str(tmp_path / "val2"),
