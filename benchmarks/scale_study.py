@@ -15,7 +15,8 @@ label-free score comparable across methods and budgets; the figure's label-free 
 Training compute is the run's ``budget``: its configured optimiser steps (every ``train``/``pretrain``/``*_train``
 section's ``steps``, summed) over the same sum for the method's ``cpu-small`` config set, so 4x means four times the
 ``cpu-small`` steps whatever the thread count or machine load; the figure's x axis. The table also has the recorded
-training seconds (``config.yaml``: ``train.seconds``, comparable only between runs made under the same load) and,
+training seconds (``RunFolder.train_seconds``: the wall seconds of one session, or a resumed run's training-loop
+seconds summed over its sessions; comparable only between runs made under the same load) and,
 for multitask, the optimiser steps done by its members (early stopping ends members before their budget). Usage::
 
     python benchmarks/scale_study.py docs/results/scale_study --family multitask \\
@@ -56,6 +57,13 @@ def _label_free(run: Path) -> dict[str, Any]:
         if rec.get("best_val") is not None:
             best[str(rec.get("stage", "model"))] = round(float(rec["best_val"]), 4)
     return {"label_free": None, "label_free_kind": "best validation loss per trained module", "members": best}
+
+
+def _train_seconds(run: Path) -> float | None:
+    """The run's training seconds as the benchmark tables count them: a resumed run's sessions summed."""
+    from medanomaly.run_folder import RunFolder
+
+    return RunFolder(run).train_seconds()[0]
 
 
 def _configured_steps(params: dict[str, Any]) -> int:
@@ -147,7 +155,7 @@ def main() -> None:
             p.error(f"point {label!r}: not a finished run / evaluation: {', '.join(map(str, missing))} missing")
         cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
         row: dict[str, Any] = {"label": label, "run": run, "budget": _budget(cfg),
-                               "train_seconds": (cfg.get("train") or {}).get("seconds"), **_label_free(Path(run))}
+                               "train_seconds": _train_seconds(Path(run)), **_label_free(Path(run))}
         if a.validate_dir:
             try:
                 row["synthetic_ap"] = _synthetic_ap(Path(run), Path(a.validate_dir) / label)

@@ -123,7 +123,8 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
         return d
 
     mt = run("mt", {"members": [{"synthetic_val_ap": 0.4, "steps_done": 10}, {"synthetic_val_ap": 0.6,
-                                                                             "steps_done": 30}]}, [], 12.0)
+                                                                             "steps_done": 30}]}, [], 12.0,
+             "multitask", {"train": {"steps": 6000}})
     # budget: configured steps over the method's cpu-small ones (mim-ood cpu-small: tokenizer 2000 + transformers 1500)
     mim = run("mim", {}, [{"stage": "tokenizer", "best_val": 0.5}, {"stage": "tokenizer", "best_val": 0.25},
                           {"stage": "mvtm", "best_val": 3.0}], 20.0, "mim-ood",
@@ -138,9 +139,9 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     assert rows[0]["in_pixel_ap"] == 0.3 and rows[0]["other_pixel_ap"] == 0.7 and rows[0]["train_seconds"] == 12.0
     assert rows[1]["label_free"] is None and rows[1]["members"] == {"tokenizer": 0.25, "mvtm": 3.0}
     assert "other_pixel_ap" not in rows[1]
-    assert rows[0]["budget"] is None and rows[1]["budget"] == pytest.approx(4.0)
+    assert rows[0]["budget"] == pytest.approx(4.0) and rows[1]["budget"] == pytest.approx(4.0)
     md = out.with_suffix(".md").read_text()
-    assert "| a |  | 12.000 | 40 | 0.500 |" in md and "| b | 4x | 20.000 |" in md and fig.stat().st_size > 0
+    assert "| a | 4x | 12.000 | 40 | 0.500 |" in md and "| b | 4x | 20.000 |" in md and fig.stat().st_size > 0
     # --validate-dir: every point also gets the synthetic validation AP (here from its cache)
     for lab, v in (("a", 0.41), ("b", 0.22)):
         (tmp_path / "val" / lab).mkdir(parents=True)
@@ -154,7 +155,12 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     assert "Reference (intensity) pixel AP: in 0.350" in out.with_suffix(".md").read_text()
     assert json.loads(out.with_suffix(".json").read_text())["seed_groups"] == []  # one seed per setting: no group
     # two seeds of one setting (labels b and b-s1): a mean ± std row with the sample std, the other setting left out
-    mim1 = run("mim1", {}, [], 30.0, "mim-ood", {"tokenizer_train": {"steps": 8000}, "transformer_train": {"steps": 6000}})
+    # mim1 was resumed once: its train seconds are the loop seconds of both sessions (5 + 2), not the last session's 30
+    mim1 = run("mim1", {}, [{"stage": "tokenizer", "seconds": 5.0}, {"stage": "tokenizer", "seconds": 2.0}], 30.0,
+               "mim-ood", {"tokenizer_train": {"steps": 8000}, "transformer_train": {"steps": 6000}})
+    cfg1 = yaml.safe_load((mim1 / "config.yaml").read_text())
+    cfg1["train"]["resumed"] = True
+    (mim1 / "config.yaml").write_text(yaml.safe_dump(cfg1))
     (tmp_path / "val" / "b-s1").mkdir(parents=True)
     (tmp_path / "val" / "b-s1" / "synthetic_validation.json").write_text(json.dumps({"mean_pixel_ap": 0.26}))
     monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--figure", str(fig), "--tests", "in,other",
@@ -162,6 +168,7 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
                                       f"b={mim}:{tmp_path / 'e3'}", f"b-s1={mim1}:{ev('e4', 0.4)}"])
     mod.main()
     groups = json.loads(out.with_suffix(".json").read_text())["seed_groups"]
+    assert json.loads(out.with_suffix(".json").read_text())["points"][2]["train_seconds"] == pytest.approx(7.0)
     assert [g["setting"] for g in groups] == ["b"] and groups[0]["seeds"] == ["b", "b-s1"]
     assert groups[0]["in_pixel_ap"]["mean"] == pytest.approx(0.3) and groups[0]["in_pixel_ap"]["n"] == 2
     assert groups[0]["in_pixel_ap"]["std"] == pytest.approx(0.1 * 2 ** 0.5)  # sample std of 0.2 and 0.4
