@@ -199,18 +199,28 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     xs = [r["budget"] if r["budget"] is not None else 1.0 for r in rows]
     lf_key = "synthetic_ap" if a.validate_dir else "label_free"
     lf_kind = "synthetic val pixel AP (medanomaly validate)" if a.validate_dir else rows[0]["label_free_kind"]
+    # one annotation per setting: a seed group is named once, at its first seed, with its seed count
+    n_seeds = {g["setting"]: len(g["seeds"]) for g in groups}
+    tags: list[str | None] = []
+    for r in rows:
+        name = _setting(r["label"])
+        first = next(q for q in rows if _setting(q["label"]) == name) is r
+        tags.append((f"{name} ({n_seeds[name]} seeds)" if name in n_seeds else r["label"]) if first else None)
     for i, r in enumerate(rows):
         if r.get(lf_key) is not None:
-            ax[0].scatter(xs[i], r[lf_key], color="C0")
-            ax[0].annotate(r["label"], (xs[i], r[lf_key]), fontsize=8)
+            ax[0].scatter(xs[i], r[lf_key], color="C0", s=14)
+            if tags[i]:
+                ax[0].annotate(tags[i], (xs[i], r[lf_key]), fontsize=7, xytext=(4, 2), textcoords="offset points")
         for j, n in enumerate(names):
             if r.get(f"{n}_pixel_ap") is not None:
-                ax[1].scatter(xs[i], r[f"{n}_pixel_ap"], color=f"C{j + 1}", label=n if i == 0 else None)
-                ax[1].annotate(r["label"], (xs[i], r[f"{n}_pixel_ap"]), fontsize=8)
+                ax[1].scatter(xs[i], r[f"{n}_pixel_ap"], color=f"C{j + 1}", s=14, label=n if i == 0 else None)
+                if tags[i]:
+                    ax[1].annotate(tags[i], (xs[i], r[f"{n}_pixel_ap"]), fontsize=7, xytext=(4, 2),
+                                   textcoords="offset points")
     xlabel = "optimiser steps (x cpu-small)"
     ax[0].set(xlabel=xlabel, ylabel=lf_kind, title="label-free", xscale="log")
     ax[1].set(xlabel=xlabel, ylabel="test pixel AP", title="test (reported, not used to choose)", xscale="log")
@@ -225,7 +235,7 @@ def main() -> None:
     for j, n in enumerate(names):
         if n in refs:
             ax[1].axhline(refs[n], color=f"C{j + 1}", ls="--", lw=1, label=f"{n}: {a.reference_name}")
-    ax[1].legend(fontsize=8)
+    ax[1].legend(fontsize=7, loc="lower right", framealpha=0.6)
     fig.suptitle(a.family, fontsize=10)
     fig.tight_layout()
     fig.savefig(a.figure or out.with_suffix(".png"), dpi=110)
