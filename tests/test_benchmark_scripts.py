@@ -174,6 +174,9 @@ def test_scale_study_table_from_run_folders_and_clear_errors(tmp_path: Path, mon
     assert groups[0]["in_pixel_ap"]["std"] == pytest.approx(0.1 * 2 ** 0.5)  # sample std of 0.2 and 0.4
     assert groups[0]["synthetic_ap"]["mean"] == pytest.approx(0.24) and "other_pixel_ap" not in groups[0]
     assert "| b | 4x | 2 | 0.240 ± 0.028 | 0.300 ± 0.141 |" in out.with_suffix(".md").read_text()
+    # only a trailing -sK is a seed suffix: a setting whose name merely contains "-s" stays its own setting
+    assert [mod._setting(x) for x in ("steps4x-smooth", "1x-smooth-s2", "steps16x-s10", "a-s")] == [
+        "steps4x-smooth", "1x-smooth", "steps16x", "a-s"]
     capsys.readouterr()
     # a point whose run cannot be validated (no recorded data) is one clear error, not a traceback
     monkeypatch.setattr(sys, "argv", ["scale_study.py", str(out), "--validate-dir", str(tmp_path / "val2"),
